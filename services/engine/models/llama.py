@@ -1,0 +1,146 @@
+"""Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, SmolLM2) over a paged KV cache.
+
+Tokens of all sequences in a batch are flattened to [T]; attention goes
+through the forward context's backend. Qwen2/Qwen3 reuse this decoder with
+QKV bias / q-k norm switched on by ModelConfig (see qwen.py).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..forward_context import current
+from ..layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, add_rms_norm
+from .registry import register_model
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding):
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.rotary = rotary
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
+        ctx = current()
+        o = ctx.backend.forward(self.layer_id, q, k, v, ctx.out_slots, ctx.attn_meta)
+        return self.o_proj(o)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_id, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, residual, cos, sin):
+        h, residual = add_rms_norm(x, residual, self.input_layernorm)
+        h = self.self_attn(h, cos, sin)
+        h, residual = add_rms_norm(h, residual, self.post_attention_layernorm)
+        return self.mlp(h), residual
+
+
+# HF checkpoint names that we store fused: (our param, which slice).
+_STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+@register_model("llama")
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        max_pos = min(cfg.max_position_embeddings, max_positions or cfg.max_position_embeddings)
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_pos, cfg.rope_theta, cfg.rope_scaling_dict)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.rotary) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary.tables(positions, x.dtype)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin)
+        x, _ = add_rms_norm(x, residual, self.norm)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, w).float()
+
+    # -- weights ---------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
+                continue
+            target, part = self._target(name)
+            if target not in params:
+                raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            self._copy(params[target], tensor, part)
+            loaded.add(target if part is None else f"{target}#{part}")
+        self._check_complete(params, loaded)
+
+    def _target(self, name: str) -> tuple[str, int | None]:
+        for hf, (ours, part) in _STACKED.items():
+            if f".{hf}." in name:
+                return name.replace(hf, ours), part
+        return name, None
+
+    def _copy(self, param: nn.Parameter, tensor: torch.Tensor, part: int | None) -> None:
+        if part is None:
+            dst = param.data
+        else:
+            dst = param.data.narrow(0, self._offset(param, part), tensor.shape[0])
+        if dst.shape != tensor.shape:
+            raise ValueError(f"shape mismatch: checkpoint {tuple(tensor.shape)} vs model {tuple(dst.shape)}")
+        dst.copy_(tensor)
+
+    def _offset(self, param: nn.Parameter, part: int) -> int:
+        cfg = self.cfg
+        if param.shape[0] == cfg.q_size + 2 * cfg.kv_size:        # qkv
+            return [0, cfg.q_size, cfg.q_size + cfg.kv_size][part]
+        return part * cfg.intermediate_size                         # gate_up
+
+    def _check_complete(self, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
+        missing = []
+        for name, p in params.items():
+            parts = 3 if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias") else \
+                2 if "gate_up_proj" in name else 1
+            have = [name in loaded] if parts == 1 else [f"{name}#{i}" in loaded for i in range(parts)]
+            if not all(have):
+                missing.append(name)
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+    @torch.no_grad()
+    def init_dummy_weights(self, seed: int = 0) -> None:
+        """Random weights of a plausible scale (for speed work; `--load-format dummy`)."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)

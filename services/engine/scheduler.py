@@ -1,0 +1,161 @@
+"""Continuous batching with chunked prefill; emits plain data, never tensors.
+
+Each step gets one token budget (chunked_prefill_size). Decoding requests
+go first, one token each; what remains of the budget goes to prefill chunks
+of running requests, then to newly admitted ones. When the pool cannot hold
+the next decode tokens, the newest running request is retracted: its KV is
+handed to the prefix cache, it keeps its generated tokens and waits again at
+the head of the queue.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable
+
+from .config import SchedulerConfig
+from .kv_manager import KVManager
+from .request import Request, Status
+
+
+@dataclass(frozen=True)
+class Chunk:
+    req: Request
+    start: int          # first position computed in this forward
+    n: int              # number of positions computed
+    sample: bool        # reaches the end of the sequence: sample the next token
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.n for c in self.chunks)
+
+
+POLICIES = ("fcfs", "lpm")
+LPM_MAX_QUEUE = 128      # past this many waiting requests, prefix matching costs more than it wins
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, kv: KVManager):
+        if cfg.policy not in POLICIES:
+            raise ValueError(f"policy {cfg.policy!r} is unknown (known: {POLICIES})")
+        self.cfg = cfg
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_retractions = 0
+
+    # -- queue ---------------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, req: Request, keep: bool) -> None:
+        """Take a finished or aborted request out; free its pages."""
+        if req.status is Status.RUNNING:
+            self.running.remove(req)
+            self.kv.release(req, keep=keep)
+        elif req.status is Status.WAITING:
+            self.waiting.remove(req)
+        req.status = Status.FINISHED
+
+    # -- one step ------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch | None:
+        chunks = self._schedule_decodes()
+        chunks += self._schedule_prefills(self.cfg.chunked_prefill_size - len(chunks))
+        return ScheduledBatch(tuple(chunks)) if chunks else None
+
+    def _schedule_decodes(self) -> list[Chunk]:
+        decodes = [r for r in self.running if r.is_decoding]
+        need = sum(self.kv.pages_needed(r, r.num_computed + 1) for r in decodes)
+        while need > self.kv.available_pages() and len(self.running) > 1:
+            victim = self.running[-1]
+            if victim in decodes:
+                decodes.remove(victim)
+                need -= self.kv.pages_needed(victim, victim.num_computed + 1)
+            self._retract(victim)
+        chunks = []
+        for r in decodes:
+            ok = self.kv.ensure_pages(r, r.num_computed + 1)
+            assert ok, "decode page allocation failed after retraction"
+            chunks.append(Chunk(r, r.num_computed, 1, True))
+        return chunks
+
+    def _schedule_prefills(self, budget: int) -> list[Chunk]:
+        chunks: list[Chunk] = []
+        for r in self.running:
+            if budget <= 0:
+                return chunks
+            if not r.is_decoding:
+                c = self._chunk(r, budget)
+                if c is None:
+                    return chunks
+                chunks.append(c)
+                budget -= c.n
+        for r in self._admission_order():
+            if budget <= 0 or len(self.running) >= self.cfg.max_running_requests:
+                break
+            c = self._admit(r, budget)
+            if c is None:
+                break
+            chunks.append(c)
+            budget -= c.n
+        return chunks
+
+    def _chunk(self, r: Request, budget: int) -> Chunk | None:
+        n = min(r.num_pending, budget)
+        if not self.kv.ensure_pages(r, r.num_computed + n):
+            return None
+        return Chunk(r, r.num_computed, n, n == r.num_pending)
+
+    def _admit(self, r: Request, budget: int) -> Chunk | None:
+        self.kv.admit(r)
+        # Alone, a request only needs its sequence (the context cap makes that fit);
+        # beside others it must also leave room for a share of its future tokens.
+        future = self._reserve(r) if self.running else 1
+        if self.kv.pages_needed(r, r.seq_len + future) > self.kv.available_pages() - self._running_reserve():
+            self.kv.release(r, keep=False)
+            return None
+        c = self._chunk(r, budget)
+        if c is None:
+            self.kv.release(r, keep=False)
+            return None
+        if r.num_retractions == 0:
+            r.num_cached_prompt = r.cached_len
+        self.waiting.remove(r)
+        r.status = Status.RUNNING
+        self.running.append(r)
+        return c
+
+    def _reserve(self, r: Request) -> int:
+        """Decode tokens set aside at admission (a share of what it may still generate)."""
+        left = r.params.max_new_tokens - len(r.output_ids)
+        return int(left * self.cfg.new_token_ratio)
+
+    def _running_reserve(self) -> int:
+        """Pages the running requests are still owed: rest of the prompt plus their reserve."""
+        return sum(self.kv.pages_needed(r, r.seq_len + self._reserve(r)) for r in self.running)
+
+    def _admission_order(self) -> Iterable[Request]:
+        waiting = list(self.waiting)
+        if self.cfg.policy == "lpm" and 1 < len(waiting) <= LPM_MAX_QUEUE:
+            # Retracted requests keep their place at the head; the rest go longest-prefix first.
+            head = [r for r in waiting if r.num_retractions]
+            rest = [r for r in waiting if not r.num_retractions]
+            rest.sort(key=lambda r: -self.kv.prefix_len(r.all_ids))
+            waiting = head + rest
+        return waiting
+
+    def _retract(self, r: Request) -> None:
+        self.running.remove(r)
+        self.kv.release(r, keep=True)
+        r.status = Status.WAITING
+        r.num_retractions += 1
+        self.num_retractions += 1
+        self.waiting.appendleft(r)
