@@ -128,6 +128,6 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         model_config=cfg, tokenizer=tokenizer, device=device, dtype=dtype, kv=kv,
         scheduler=Scheduler(config.scheduler, kv),
         runner=ModelRunner(model, backend, ps, device),
-        sampler=Sampler(seed=config.seed, device=device),
+        sampler=Sampler(seed=config.seed),
         context_len=context_len, eos_token_ids=eos,
     )

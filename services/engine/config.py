@@ -117,7 +117,6 @@ class SchedulerConfig:
     policy: str = "lpm"               # fcfs | lpm
     max_running_requests: int = 256
     chunked_prefill_size: int = 2048  # per-step token budget for new (prefill) tokens
-    max_prefill_tokens: int = 16384   # hard cap of tokens in one forward
     new_token_ratio: float = 0.4      # share of max_new_tokens reserved at admission
 
 

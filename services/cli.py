@@ -1,0 +1,104 @@
+"""`tandem` command line: generate | models | serve."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from services.common.cli_args import add_dataclass_args, dataclass_from_args
+
+
+# `--seed` is the sampling seed of the requests, as users expect; the engine's
+# own seed (dummy weights, unseeded sampling) keeps its default.
+_ENGINE_SKIP = ("seed",)
+
+
+def _engine_config(args):
+    from services.engine.config import EngineConfig
+    return dataclass_from_args(EngineConfig, args, _ENGINE_SKIP)
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    from services.engine.config import EngineConfig
+    add_dataclass_args(p, EngineConfig, _ENGINE_SKIP)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from services.engine.engine import Engine
+    from services.engine.sampling_params import SamplingParams
+    texts = args.prompt or args.chat
+    if not texts:
+        print("error: give --prompt TEXT or --chat TEXT", file=sys.stderr)
+        return 2
+    engine = Engine(_engine_config(args))
+    params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                            seed=args.seed_sampling, ignore_eos=args.ignore_eos)
+    t0 = time.perf_counter()
+    results = engine.generate(texts, params, chat=bool(args.chat))
+    dt = time.perf_counter() - t0
+    for r in results:
+        if args.json:
+            print(json.dumps({"text": r.text, "output_ids": r.output_ids, "prompt_ids": r.prompt_ids}))
+        else:
+            print(r.text)
+    if not args.json:
+        n = sum(len(r.output_ids) for r in results)
+        print(f"[{n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from services.engine.loader import list_models
+    for name, desc, cached in list_models():
+        print(f"{name:24s} {desc}\n{'':24s} cached: {cached or '(not yet)'}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    # The services (gateway, prefill and decode workers) come with the next
+    # milestone; until then `serve` shows the engine answering a chat prompt.
+    args.chat = args.chat or ["Hello! What can you do?"]
+    args.prompt = None
+    return cmd_generate(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description="Tandem LLM serving")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name, fn, help_ in [("generate", cmd_generate, "generate text offline with the engine"),
+                            ("serve", cmd_serve, "serve the default model")]:
+        p = sub.add_parser(name, help=help_)
+        _add_engine_args(p)
+        p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+        p.add_argument("--chat", action="append", help="a user message, rendered with the chat template")
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--temperature", type=float, default=0.0)
+        p.add_argument("--seed", dest="seed_sampling", type=int, default=None,
+                       help="sampling seed (the same seed gives the same tokens)")
+        p.add_argument("--ignore-eos", action="store_true")
+        p.add_argument("--json", action="store_true", help="one JSON line per prompt")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("models", help="list known model names and where each is cached")
+    p.set_defaults(fn=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from services.engine.loader import ModelLoadError
+    try:
+        return args.fn(args)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
