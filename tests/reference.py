@@ -37,7 +37,7 @@ def make_tiny_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
     cfg = AutoConfig.for_model(d.pop("model_type"), **{k: v for k, v in d.items() if k != "architectures"})
     cfg.architectures = d["architectures"]
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():   # visible biases / norms so that the paths that use them are tested
         for name, p in model.named_parameters():
             if name.endswith(".bias") or "norm" in name:
@@ -51,7 +51,7 @@ class Reference:
 
     def __init__(self, folder: Path, dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForCausalLM
-        self.model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=dtype).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
 
     @torch.inference_mode()
     def greedy(self, prompt: list[int], max_new_tokens: int, eos: tuple[int, ...] = ()

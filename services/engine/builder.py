@@ -121,7 +121,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     context_len = min(max_len, (num_pages - 1) * ps)
     log.info("KV pool: %d pages of %d tokens (%d tokens), context %d, dtype %s, device %s",
              num_pages - 1, ps, (num_pages - 1) * ps, context_len, dtype, device)
-    kv = KVManager(pool, ps, config.cache.enable_prefix_cache)
+    kv = KVManager(pool, ps, config.cache.enable_prefix_cache, config.cache.kv_events)
     backend = get_backend(config.attention_backend)(pool, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     eos = tuple(sorted(set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())))
     return EngineParts(

@@ -110,6 +110,7 @@ class CacheConfig:
     max_total_tokens: int | None = None   # explicit pool size in tokens; wins over mem_fraction
     cpu_kv_budget_gb: float = 4.0     # what mem_fraction applies to on CPU
     enable_prefix_cache: bool = True
+    kv_events: bool = False           # record KV events (workers stream them to gateways)
 
 
 @dataclass(frozen=True)

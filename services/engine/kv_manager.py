@@ -13,11 +13,13 @@ from .request import Request
 
 
 class KVManager:
-    def __init__(self, pool: KVPool, page_size: int, enable_prefix_cache: bool = True):
+    def __init__(self, pool: KVPool, page_size: int, enable_prefix_cache: bool = True,
+                 kv_events: bool = False):
         self.pool = pool
         self.ps = page_size
         self.allocator = pool.allocator
-        self.cache = RadixCache(self.allocator, page_size) if enable_prefix_cache else None
+        self.cache = RadixCache(self.allocator, page_size, enable_events=kv_events) \
+            if enable_prefix_cache else None
 
     # -- capacity ----------------------------------------------------------------------------
     def available_pages(self) -> int:
@@ -64,12 +66,11 @@ class KVManager:
             return
         tokens = req.all_ids[:full]
         res = self.cache.insert(tokens, req.pages[:full // self.ps])
-        self.allocator.free(res.duplicates)
-        req.pages[:len(res.tree_pages)] = res.tree_pages
-        m = self.cache.match_prefix(tokens)
-        self.cache.lock(m.node)
+        self.cache.lock(res.node)
         self.cache.unlock(req.cache_node)
-        req.cache_node, req.cached_len = m.node, m.num_tokens
+        req.pages[:len(res.tree_pages)] = res.tree_pages    # repoint before the duplicates are reused
+        self.allocator.free(res.duplicates)
+        req.cache_node, req.cached_len = res.node, len(res.tree_pages) * self.ps
 
     def release(self, req: Request, keep: bool = True) -> None:
         """Free every page the request holds; with `keep`, its computed full pages
