@@ -49,15 +49,16 @@ def make_tiny_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
 class Reference:
     """Greedy generation with transformers, one prompt at a time (no padding effects)."""
 
-    def __init__(self, folder: Path, dtype: torch.dtype = torch.float32):
+    def __init__(self, folder: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
         from transformers import AutoModelForCausalLM
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        self.device = device
 
     @torch.inference_mode()
     def greedy(self, prompt: list[int], max_new_tokens: int, eos: tuple[int, ...] = ()
                ) -> tuple[list[int], list[float]]:
         """Token ids and, per step, the gap between the two best logits."""
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=self.device)
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                   do_sample=False, output_logits=True, return_dict_in_generate=True,
                                   eos_token_id=list(eos) or None, pad_token_id=0)
