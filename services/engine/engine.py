@@ -181,7 +181,8 @@ class Engine:
             self.abort(rid)
 
     def _result(self, req: Request) -> GenerateResult:
-        text = self.tokenizer.decode(req.output_ids) if self.tokenizer is not None else None
+        # Text leaves out special tokens (the EOS that ended it), as OpenAI-style APIs do.
+        text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True) if self.tokenizer else None
         return GenerateResult(req.rid, req.prompt_ids, req.output_ids, req.finish_reason, text,
                               req.num_cached_prompt, req.output_logprobs, req.output_top_logprobs)
 
