@@ -115,7 +115,7 @@ def main() -> None:
     ap.add_argument("--max-running-requests", type=int, default=256)
     ap.add_argument("--chunked-prefill-size", type=int, default=2048)
     ap.add_argument("--max-total-tokens", type=int, default=None)
-    ap.add_argument("--attention-backend", default="torch")
+    ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--baseline", choices=["transformers"], default=None)
     ap.add_argument("--baseline-batch-size", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=1, help="warm-up requests before timing")

@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import torch
 
-from .attention.base import get_backend
+from .attention.base import default_backend, get_backend
 from .config import DTYPES, EngineConfig, ModelConfig
 from .kv_manager import KVManager
 from .kv_pool import KVPool
@@ -79,7 +79,9 @@ def build_model(source: ModelSource, cfg: ModelConfig, dtype: torch.dtype, devic
         model.init_dummy_weights(seed)
     else:
         model.load_weights(iter_weights(source))
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    model.prepare()
+    return model
 
 
 def kv_pool_pages(config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
@@ -122,7 +124,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     log.info("KV pool: %d pages of %d tokens (%d tokens), context %d, dtype %s, device %s",
              num_pages - 1, ps, (num_pages - 1) * ps, context_len, dtype, device)
     kv = KVManager(pool, ps, config.cache.enable_prefix_cache, config.cache.kv_events)
-    backend = get_backend(config.attention_backend)(pool, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    backend_name = default_backend(device) if config.attention_backend == "auto" else config.attention_backend
+    backend = get_backend(backend_name)(pool, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     eos = tuple(sorted(set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())))
     return EngineParts(
         model_config=cfg, tokenizer=tokenizer, device=device, dtype=dtype, kv=kv,

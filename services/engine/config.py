@@ -127,7 +127,7 @@ class EngineConfig:
     load_format: str = "auto"         # auto | hf | gguf | dummy
     dtype: str = "auto"               # auto | float32 | bfloat16 | float16
     device: str = "auto"              # auto | cpu | cuda | cuda:N
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"   # auto | torch | cpu (C++ kernels) | ...
     max_model_len: int | None = None  # context cap; default: the model's, bounded by the pool
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)

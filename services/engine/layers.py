@@ -6,11 +6,37 @@ fp32 rotary angles) so that greedy outputs match the reference.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from kernels import cpu as cpu_kernels
+
+# Up to this many tokens, a CPU bf16 matmul is bound by reading the weights
+# and the streaming kernel beats oneDNN's GEMM (benchmarks/micro/cpu_gemv.py).
+GEMV_MAX_TOKENS = 16
+
+
+def fused_cpu(x: torch.Tensor) -> bool:
+    """Use the fused C++ ops: CPU tensors of a supported dtype, kernels built."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.available()
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+           packed: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, or the streaming CPU kernel on a packed copy of w for few tokens."""
+    if packed is not None and x.shape[0] <= GEMV_MAX_TOKENS and x.dim() == 2:
+        y = cpu_kernels.gemv_bf16(x.contiguous(), packed)
+        return y if b is None else y + b
+    return F.linear(x, w, b)
+
+
+def pack_for_cpu(w: torch.Tensor) -> torch.Tensor | None:
+    """A packed copy of a CPU bf16 weight for decode matmuls (None where not applicable).
+    The original stays for prefill, where oneDNN's GEMM is compute-bound and faster."""
+    return cpu_kernels.pack_bf16(w) if cpu_kernels.can_pack(w) else None
 
 
 class RMSNorm(nn.Module):
@@ -20,15 +46,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        # HF: normalize in fp32, cast back, then scale by the weight.
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """residual += x; return (norm(residual), residual). First layer: residual is None."""
+    if fused_cpu(x) and x.dim() == 2:
+        return cpu_kernels.add_rmsnorm(x.contiguous(), residual, norm.weight, norm.eps)
     residual = x if residual is None else residual + x
     return norm(residual), residual
 
@@ -40,9 +66,13 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.packed: torch.Tensor | None = None     # set by prepare() after the weights load
+
+    def prepare(self) -> None:
+        self.packed = pack_for_cpu(self.weight.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)
 
 
 class GatedMLP(nn.Module):
@@ -55,7 +85,10 @@ class GatedMLP(nn.Module):
         self.inter = inter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if fused_cpu(gate_up):
+            return self.down_proj(cpu_kernels.silu_mul(gate_up))
+        gate, up = gate_up.split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -93,13 +126,19 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        # rotate_half(x) * sin == roll(x, half) * [-sin, sin]: the sign lives in the table
+        sin = emb.sin()
+        self.register_buffer("sin", torch.cat([-sin[:, :head_dim // 2], sin[:, head_dim // 2:]], -1),
+                             persistent=False)
         self.half = head_dim // 2
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin rows for `positions`, shaped [T, 1, D] to broadcast over heads."""
-        return (self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1))
-
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x[..., :self.half], x[..., self.half:]
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    def prepare(self, positions: torch.Tensor, like: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Once per forward: a function that rotates x [T, heads, D] at `positions`."""
+        if fused_cpu(like):
+            def rope(x: torch.Tensor) -> torch.Tensor:
+                cpu_kernels.rope_(x, positions, self.cos, self.sin)
+                return x
+            return rope
+        cos = self.cos[positions].to(like.dtype).unsqueeze(1)     # [T, 1, D]: broadcast over heads
+        sin = self.sin[positions].to(like.dtype).unsqueeze(1)
+        return lambda x: torch.addcmul(x * cos, x.roll(self.half, dims=-1), sin)

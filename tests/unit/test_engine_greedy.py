@@ -138,3 +138,29 @@ def test_smollm2_page1_retraction(smol):
         want, gaps = ref.greedy(p, 20)
         assert_greedy_equal(r.output_ids, want, gaps, f"smollm2 retraction prompt {i}")
     assert eng.scheduler.num_retractions > 0
+
+
+def test_smollm2_bf16_fast_cpu_path(smol):
+    """bf16 on CPU runs the packed-weight matmuls and fused C++ ops. Its greedy ids
+    equal the fp32 reference's up to bf16-sized ties (bf16 logits are rounded to
+    0.06-0.25 here: two tokens often tie exactly, and which one wins depends on
+    where each implementation rounds)."""
+    from kernels import cpu as cpu_kernels
+    from tests import reference
+    if not cpu_kernels.available():
+        pytest.skip("CPU kernels need AVX-512 BF16")
+    folder, ref = smol
+    eng = Engine(EngineConfig(model=str(folder), dtype="bfloat16", device="cpu",
+                              cache=CacheConfig(page_size=16, max_total_tokens=4096)))
+    assert eng.runner.model.layers[0].mlp.gate_up_proj.packed is not None
+    tok = eng.tokenizer
+    ps = [tok.apply_chat_template([{"role": "user", "content": q}])
+          for q in ["What is the capital of France?", "Name a fruit.", "Say hello."]] + prompts(11, [40, 90], 49152)
+    results = eng.generate(ps, SamplingParams(temperature=0.0, max_new_tokens=10))
+    old, reference.TIE_TOL = reference.TIE_TOL, 0.5
+    try:
+        for i, (p, r) in enumerate(zip(ps, results)):
+            want, gaps = ref.greedy(p, 10, eng.eos_token_ids)
+            assert_greedy_equal(r.output_ids, want, gaps, f"smollm2 bf16 prompt {i}")
+    finally:
+        reference.TIE_TOL = old

@@ -57,7 +57,15 @@ def register_backend(name: str) -> Callable[[type[AttentionBackend]], type[Atten
 
 
 def get_backend(name: str) -> type[AttentionBackend]:
-    from . import torch_backend  # noqa: F401  (registers "torch")
+    from . import cpu_backend, torch_backend  # noqa: F401  (register "cpu", "torch")
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend {name!r} is unknown (known: {sorted(ATTENTION_BACKENDS)})")
     return ATTENTION_BACKENDS[name]
+
+
+def default_backend(device: torch.device) -> str:
+    """auto: the C++ kernels on a CPU that has them, else the torch reference."""
+    if device.type == "cpu":
+        from kernels import cpu as cpu_kernels
+        return "cpu" if cpu_kernels.available() else "torch"
+    return "torch"

@@ -27,6 +27,7 @@ class TorchMeta:
     decode_rows: torch.Tensor | None = None    # rows of single-token sequences
     decode_idx: torch.Tensor | None = None     # [Bd, L] KV slots, padded with slot 0
     decode_mask: torch.Tensor | None = None    # [Bd, 1, 1, L] bool; None if no padding
+    decode_lens: torch.Tensor | None = None    # [Bd] valid lengths (backends that read pages in place)
     decode_contiguous: bool = False            # decode rows are exactly 0..Bd-1
     extends: list[_Extend] = field(default_factory=list)
 

@@ -6,19 +6,19 @@ QKV bias / q-k norm switched on by ModelConfig (see qwen.py).
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from ..config import ModelConfig
 from ..forward_context import current
-from ..layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, add_rms_norm
+from ..layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, add_rms_norm, linear, pack_for_cpu
 from .registry import register_model
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -27,33 +27,33 @@ class Attention(nn.Module):
         self.o_proj = Linear(cfg.q_size, cfg.hidden_size)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.rotary = rotary
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = qk.view(T, self.num_heads + self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
+            qk = torch.cat([self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])], 1)
+        qk = rope(qk)                                     # q and k heads in one go
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
         ctx = current()
         o = ctx.backend.forward(self.layer_id, q, k, v, ctx.out_slots, ctx.attn_meta)
         return self.o_proj(o)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_id, rotary)
+        self.self_attn = Attention(cfg, layer_id)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, residual, cos, sin):
+    def forward(self, x, residual, rope):
         h, residual = add_rms_norm(x, residual, self.input_layernorm)
-        h = self.self_attn(h, cos, sin)
+        h = self.self_attn(h, rope)
         h, residual = add_rms_norm(h, residual, self.post_attention_layernorm)
         return self.mlp(h), residual
 
@@ -71,23 +71,32 @@ class LlamaForCausalLM(nn.Module):
         max_pos = min(cfg.max_position_embeddings, max_positions or cfg.max_position_embeddings)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_pos, cfg.rope_theta, cfg.rope_scaling_dict)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.rotary) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self._packed_embed: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm."""
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary.tables(positions, x.dtype)
+        rope = self.rotary.prepare(positions, x)
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin)
+            x, residual = layer(x, residual, rope)
         x, _ = add_rms_norm(x, residual, self.norm)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, w).float()
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        return linear(hidden, self.embed_tokens.weight, packed=self._packed_embed).float()
+
+    def prepare(self) -> None:
+        """After the weights load: derived copies the fast paths read (packed CPU weights)."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.prepare()
+        self._packed_embed = pack_for_cpu(self.embed_tokens.weight.data) if self.lm_head is None else None
 
     # -- weights ---------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -1,0 +1,93 @@
+"""CPU kernels (C++ with AVX-512), built once on first use and cached.
+
+The build needs a C++ compiler and ninja (installed with the project); it
+lands in $TANDEM_CACHE_DIR/torch_extensions (default ~/.cache/tandem/...).
+Where the CPU lacks AVX-512 BF16 or the build fails, `available()` is False
+and callers keep to the torch ops.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("tandem.kernels.cpu")
+_SRCS = [Path(__file__).with_name(n) for n in ("bindings.cpp", "gemv_bf16.cpp", "decode_attention.cpp", "elementwise.cpp")]
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((l for l in f if l.startswith("flags")), "")
+    except OSError:
+        return frozenset()
+    return frozenset(line.split(":", 1)[-1].split())
+
+
+def _build_dir() -> Path:
+    root = os.environ.get("TANDEM_CACHE_DIR") or os.path.expanduser("~/.cache/tandem")
+    d = Path(root) / "torch_extensions" / f"torch{torch.__version__.replace('+', '_')}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@lru_cache(maxsize=1)
+def _ext():
+    if os.environ.get("TANDEM_CPU_KERNELS", "1") == "0" or "avx512_bf16" not in cpu_flags():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+        log.info("building CPU kernels (once; cached in %s)", _build_dir())
+        return load(name="tandem_cpu_kernels", sources=[str(p) for p in _SRCS], build_directory=str(_build_dir()),
+                    extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler, no ninja, an old assembler: keep to torch ops
+        log.warning("CPU kernels unavailable (%s); using torch ops", str(e).splitlines()[0] if str(e) else e)
+        return None
+
+
+def available() -> bool:
+    return _ext() is not None
+
+
+def can_pack(w: torch.Tensor) -> bool:
+    return (w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.dim() == 2
+            and w.shape[0] % 4 == 0 and w.shape[1] % 32 == 0 and available())
+
+
+def pack_bf16(w: torch.Tensor) -> torch.Tensor:
+    """The layout gemv_bf16 streams: [N/4, K/32, 4, 32]."""
+    return _ext().pack_bf16(w)
+
+
+def gemv_bf16(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ W[N, K]^T for small M with W packed by pack_bf16; bf16 in and out,
+    fp32 accumulation."""
+    return _ext().gemv_bf16(x, packed)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+                     lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per sequence over its paged K/V: q [B, H, D], k/v [S, KVH, D],
+    slots [B, L] int64 (padded), lens [B] int64 -> [B, H, D]."""
+    return _ext().decode_attention(q, k, v, slots, lens, scale)
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * rmsnorm(x + residual), x + residual); residual None means x alone."""
+    out, res = _ext().add_rmsnorm(x, residual, weight, eps)
+    return out, res
+
+
+def rope_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> None:
+    """Rotary embedding in place on x [T, heads, d] (rows contiguous)."""
+    _ext().rope_(x, positions, cos, sin_signed)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    return _ext().silu_mul(gate_up)

@@ -1,0 +1,116 @@
+// Paged decode attention for CPU: one new token per sequence attends to its
+// cached K/V, read in place from the paged pool (no gather copy).
+//
+//   q       [B, H, D]        bf16 or fp32
+//   k, v    [S, KVH, D]      the layer's pool (slot-major), same dtype as q
+//   slots   [B, L] int64     KV slots of each sequence, padded
+//   lens    [B]    int64     valid length of each row of slots
+//   out     [B, H, D]        same dtype as q
+//
+// Work is split over (sequence, kv head); the G = H / KVH query heads of a
+// group share each K/V row load (GQA). Scores and softmax are fp32.
+#include <torch/extension.h>
+#include <immintrin.h>
+#include <omp.h>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+inline __m512 load16(const at::BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline void store16(at::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+
+template <typename T>
+void one_group(const T* q, const T* k, const T* v, const int64_t* slots, int64_t len,
+               T* out, int G, int D, int64_t row_stride, float scale, std::vector<float>& s) {
+  // q, out: G consecutive heads of D; k, v: the group's kv head at slot 0.
+  const int nv = D / 16;
+  s.resize(static_cast<size_t>(G) * len);
+  std::vector<__m512> qv(G * nv);
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < nv; ++c) qv[g * nv + c] = _mm512_mul_ps(load16(q + g * D + c * 16), _mm512_set1_ps(scale));
+  std::vector<float> mx(G, -INFINITY);
+  for (int64_t j = 0; j < len; ++j) {
+    const T* kr = k + slots[j] * row_stride;
+    for (int g = 0; g < G; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int c = 0; c < nv; ++c) acc = _mm512_fmadd_ps(qv[g * nv + c], load16(kr + c * 16), acc);
+      float x = _mm512_reduce_add_ps(acc);
+      s[g * len + j] = x;
+      mx[g] = x > mx[g] ? x : mx[g];
+    }
+  }
+  std::vector<__m512> acc(G * nv, _mm512_setzero_ps());
+  std::vector<float> den(G, 0.f);
+  for (int g = 0; g < G; ++g)
+    for (int64_t j = 0; j < len; ++j) {
+      float e = std::exp(s[g * len + j] - mx[g]);
+      s[g * len + j] = e;
+      den[g] += e;
+    }
+  for (int64_t j = 0; j < len; ++j) {
+    const T* vr = v + slots[j] * row_stride;
+    for (int c = 0; c < nv; ++c) {
+      __m512 vv = load16(vr + c * 16);
+      for (int g = 0; g < G; ++g)
+        acc[g * nv + c] = _mm512_fmadd_ps(_mm512_set1_ps(s[g * len + j]), vv, acc[g * nv + c]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    __m512 inv = _mm512_set1_ps(1.f / den[g]);
+    for (int c = 0; c < nv; ++c) store16(out + g * D + c * 16, _mm512_mul_ps(acc[g * nv + c], inv));
+  }
+}
+
+template <typename T>
+void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+         const torch::Tensor& slots, const torch::Tensor& lens, torch::Tensor& out, float scale) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k.size(1), L = slots.size(1);
+  const int G = static_cast<int>(H / KVH);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t row_stride = KVH * D;
+#pragma omp parallel
+  {
+    std::vector<float> scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t w = 0; w < B * KVH; ++w) {
+      const int64_t b = w / KVH, h = w % KVH;
+      one_group<T>(qp + (b * H + h * G) * D, kp + h * D, vp + h * D, sp + b * L, lp[b],
+                   op + (b * H + h * G) * D, G, static_cast<int>(D), row_stride, scale, scratch);
+    }
+  }
+}
+
+}  // namespace
+
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                               torch::Tensor slots, torch::Tensor lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes(), "decode_attention: q [B,H,D], k/v [S,KVH,D]");
+  TORCH_CHECK(q.size(2) == k.size(2) && q.size(2) % 16 == 0, "decode_attention: head_dim must match, multiple of 16");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "decode_attention: heads must be a multiple of kv heads");
+  TORCH_CHECK(q.dtype() == k.dtype() && k.dtype() == v.dtype(), "decode_attention: one dtype for q, k, v");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "decode_attention: contiguous q, k, v");
+  TORCH_CHECK(slots.dtype() == torch::kInt64 && lens.dtype() == torch::kInt64 && slots.dim() == 2 &&
+              slots.size(0) == q.size(0) && lens.numel() == q.size(0) && slots.is_contiguous(),
+              "decode_attention: slots [B,L] and lens [B] int64");
+  auto out = torch::empty_like(q);
+  if (q.dtype() == torch::kBFloat16) {
+    run<at::BFloat16>(q, k, v, slots, lens, out, static_cast<float>(scale));
+  } else {
+    TORCH_CHECK(q.dtype() == torch::kFloat32, "decode_attention: bf16 or fp32");
+    run<float>(q, k, v, slots, lens, out, static_cast<float>(scale));
+  }
+  return out;
+}
