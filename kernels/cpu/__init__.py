@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("tandem.kernels.cpu")
-_SRCS = [Path(__file__).with_name(n) for n in ("bindings.cpp", "gemv_bf16.cpp", "decode_attention.cpp", "elementwise.cpp")]
+_SRCS = [Path(__file__).with_name(n) for n in ("bindings.cpp", "gemv_bf16.cpp", "decode_attention.cpp", "elementwise.cpp",
+                                                "decode_layer.cpp")]
 
 
 @lru_cache(maxsize=1)
@@ -91,3 +92,11 @@ def rope_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin_signe
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return _ext().silu_mul(gate_up)
+
+
+def decode_layer(x: torch.Tensor, residual: torch.Tensor | None, weights: list[torch.Tensor],
+                 qkv_bias: torch.Tensor | None, cache: list[torch.Tensor], heads: int, kv_heads: int,
+                 eps: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole Llama-family decoder layer for a bf16 decode step (see decode_layer.cpp)."""
+    out, res = _ext().decode_layer(x, residual, weights, qkv_bias, cache, heads, kv_heads, eps, scale)
+    return out, res

@@ -15,7 +15,17 @@
 #include <cmath>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
+
+// K/V rows of a sequence sit at scattered slots: the hardware prefetcher
+// cannot follow them, so each row is fetched a few keys ahead.
+constexpr int64_t kAhead = 8;
+
+inline void prefetch_row(const void* p, int bytes) {
+  for (int o = 0; o < bytes; o += 64) _mm_prefetch(static_cast<const char*>(p) + o, _MM_HINT_T0);
+}
 
 inline __m512 load16(const at::BFloat16* p) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -37,8 +47,10 @@ void one_group(const T* q, const T* k, const T* v, const int64_t* slots, int64_t
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < nv; ++c) qv[g * nv + c] = _mm512_mul_ps(load16(q + g * D + c * 16), _mm512_set1_ps(scale));
   std::vector<float> mx(G, -INFINITY);
+  const int row_bytes = D * static_cast<int>(sizeof(T));
   for (int64_t j = 0; j < len; ++j) {
     const T* kr = k + slots[j] * row_stride;
+    if (j + kAhead < len) prefetch_row(k + slots[j + kAhead] * row_stride, row_bytes);
     for (int g = 0; g < G; ++g) {
       __m512 acc = _mm512_setzero_ps();
       for (int c = 0; c < nv; ++c) acc = _mm512_fmadd_ps(qv[g * nv + c], load16(kr + c * 16), acc);
@@ -49,14 +61,15 @@ void one_group(const T* q, const T* k, const T* v, const int64_t* slots, int64_t
   }
   std::vector<__m512> acc(G * nv, _mm512_setzero_ps());
   std::vector<float> den(G, 0.f);
-  for (int g = 0; g < G; ++g)
-    for (int64_t j = 0; j < len; ++j) {
-      float e = std::exp(s[g * len + j] - mx[g]);
-      s[g * len + j] = e;
-      den[g] += e;
-    }
+  for (int g = 0; g < G; ++g) {
+    float* sg = s.data() + g * len;
+    for (int64_t j = 0; j < len; ++j) sg[j] -= mx[g];
+    exp_inplace(sg, len);
+    for (int64_t j = 0; j < len; ++j) den[g] += sg[j];
+  }
   for (int64_t j = 0; j < len; ++j) {
     const T* vr = v + slots[j] * row_stride;
+    if (j + kAhead < len) prefetch_row(v + slots[j + kAhead] * row_stride, row_bytes);
     for (int c = 0; c < nv; ++c) {
       __m512 vv = load16(vr + c * 16);
       for (int g = 0; g < G; ++g)

@@ -4,6 +4,9 @@
 #include <torch/extension.h>
 #include <omp.h>
 #include <cmath>
+#include <vector>
+
+#include "vec_math.h"
 
 namespace {
 
@@ -53,14 +56,17 @@ void rope_rows(T* x, const int64_t* pos, const float* cos, const float* sin, int
 
 template <typename T>
 void silu_mul_rows(const T* gu, T* out, int64_t rows, int64_t n) {
-#pragma omp parallel for if (rows > 16)
+#pragma omp parallel for if (rows > 4)
   for (int64_t r = 0; r < rows; ++r) {
     const T* g = gu + r * 2 * n;
     const T* u = g + n;
     T* o = out + r * n;
+    std::vector<float> e(n);
+    for (int64_t i = 0; i < n; ++i) e[i] = -static_cast<float>(g[i]);
+    exp_inplace(e.data(), n);                       // e = exp(-g), vectorized
     for (int64_t i = 0; i < n; ++i) {
       float gf = static_cast<float>(g[i]);
-      float act = static_cast<float>(static_cast<T>(gf / (1.f + std::exp(-gf))));
+      float act = static_cast<float>(static_cast<T>(gf / (1.f + e[i])));
       o[i] = static_cast<T>(act * static_cast<float>(u[i]));
     }
   }

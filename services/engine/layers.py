@@ -16,7 +16,7 @@ from kernels import cpu as cpu_kernels
 
 # Up to this many tokens, a CPU bf16 matmul is bound by reading the weights
 # and the streaming kernel beats oneDNN's GEMM (benchmarks/micro/cpu_gemv.py).
-GEMV_MAX_TOKENS = 16
+GEMV_MAX_TOKENS = 64
 
 
 def fused_cpu(x: torch.Tensor) -> bool:

@@ -13,7 +13,10 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..forward_context import current
-from ..layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, add_rms_norm, linear, pack_for_cpu
+from kernels import cpu as cpu_kernels
+
+from ..layers import (GEMV_MAX_TOKENS, GatedMLP, Linear, RMSNorm, RotaryEmbedding, add_rms_norm, linear,
+                      pack_for_cpu)
 from .registry import register_model
 
 
@@ -57,6 +60,14 @@ class DecoderLayer(nn.Module):
         h, residual = add_rms_norm(h, residual, self.post_attention_layernorm)
         return self.mlp(h), residual
 
+    def fused_weights(self) -> list[torch.Tensor] | None:
+        """What cpu_kernels.decode_layer reads, or None if this layer cannot run fused."""
+        a, m = self.self_attn, self.mlp
+        packed = [a.qkv_proj.packed, a.o_proj.packed, m.gate_up_proj.packed, m.down_proj.packed]
+        if a.q_norm is not None or any(p is None for p in packed):
+            return None
+        return [self.input_layernorm.weight, self.post_attention_layernorm.weight, *packed]
+
 
 # HF checkpoint names that we store fused: (our param, which slice).
 _STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -75,14 +86,40 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self._packed_embed: torch.Tensor | None = None
+        self._fused_weights: list[list[torch.Tensor]] | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm."""
         x = self.embed_tokens(input_ids)
-        rope = self.rotary.prepare(positions, x)
+        fused = self._fused_decode_cache(positions, x)
         residual = None
+        if fused is not None:
+            return self._forward_fused(x, fused)
+        rope = self.rotary.prepare(positions, x)
         for layer in self.layers:
             x, residual = layer(x, residual, rope)
+        x, _ = add_rms_norm(x, residual, self.norm)
+        return x
+
+    # -- CPU bf16 decode: one C++ call per layer -------------------------------------------------
+    def _fused_decode_cache(self, positions: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """The per-forward tensors of the fused decode path, or None when it does not apply:
+        it needs packed bf16 weights and a pure decode batch read in place by the cpu backend."""
+        if self._fused_weights is None or x.shape[0] > GEMV_MAX_TOKENS:
+            return None
+        ctx = current()
+        meta = ctx.attn_meta
+        if getattr(meta, "decode_lens", None) is None or meta.extends or not meta.decode_contiguous:
+            return None
+        return [ctx.out_slots, meta.decode_idx, meta.decode_lens, positions, self.rotary.cos, self.rotary.sin]
+
+    def _forward_fused(self, x: torch.Tensor, shared: list[torch.Tensor]) -> torch.Tensor:
+        pool, cfg = current().backend.kv_pool, self.cfg
+        residual = None
+        for i, (layer, w) in enumerate(zip(self.layers, self._fused_weights)):
+            x, residual = cpu_kernels.decode_layer(
+                x, residual, w, layer.self_attn.qkv_proj.bias, [pool.k_cache[i], pool.v_cache[i], *shared],
+                cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps, cfg.head_dim ** -0.5)
         x, _ = add_rms_norm(x, residual, self.norm)
         return x
 
@@ -97,6 +134,8 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(m, Linear):
                 m.prepare()
         self._packed_embed = pack_for_cpu(self.embed_tokens.weight.data) if self.lm_head is None else None
+        fused = [layer.fused_weights() for layer in self.layers]
+        self._fused_weights = fused if all(w is not None for w in fused) else None
 
     # -- weights ---------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
