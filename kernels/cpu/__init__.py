@@ -44,8 +44,11 @@ def _ext():
         from torch.utils.cpp_extension import load
         log.info("building CPU kernels (once; cached in %s)", _build_dir())
         return load(name="tandem_cpu_kernels", sources=[str(p) for p in _SRCS], build_directory=str(_build_dir()),
+                    # -fopenmp compiles at::parallel_for's pragmas; the GOMP symbols are
+                    # left to resolve against torch's own libgomp (already loaded
+                    # globally), so the kernels share torch's thread pool.
                     extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+                    verbose=False)
     except Exception as e:  # no compiler, no ninja, an old assembler: keep to torch ops
         log.warning("CPU kernels unavailable (%s); using torch ops", str(e).splitlines()[0] if str(e) else e)
         return None

@@ -11,7 +11,7 @@
 // group share each K/V row load (GQA). Scores and softmax are fp32.
 #include <torch/extension.h>
 #include <immintrin.h>
-#include <omp.h>
+#include <ATen/Parallel.h>
 #include <cmath>
 #include <vector>
 
@@ -94,16 +94,14 @@ void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   const int64_t row_stride = KVH * D;
-#pragma omp parallel
-  {
+  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t w = 0; w < B * KVH; ++w) {
+    for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / KVH, h = w % KVH;
       one_group<T>(qp + (b * H + h * G) * D, kp + h * D, vp + h * D, sp + b * L, lp[b],
                    op + (b * H + h * G) * D, G, static_cast<int>(D), row_stride, scale, scratch);
     }
-  }
+  });
 }
 
 }  // namespace

@@ -2,7 +2,7 @@
 // Same semantics as the transformers reference (fp32 statistics, one rounding
 // to the model dtype at the end of each fused op).
 #include <torch/extension.h>
-#include <omp.h>
+#include <ATen/Parallel.h>
 #include <cmath>
 #include <vector>
 
@@ -13,8 +13,8 @@ namespace {
 template <typename T>
 void add_rmsnorm_rows(const T* x, const T* res, const T* w, T* out, T* res_out,
                       int64_t rows, int64_t n, float eps, bool has_res) {
-#pragma omp parallel for if (rows > 16)
-  for (int64_t r = 0; r < rows; ++r) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
     const T* xr = x + r * n;
     T* ro = res_out + r * n;
     float ss = 0.f;
@@ -31,14 +31,15 @@ void add_rmsnorm_rows(const T* x, const T* res, const T* w, T* out, T* res_out,
       o[i] = static_cast<T>(static_cast<float>(w[i]) * static_cast<float>(normed));
     }
   }
+  });
 }
 
 template <typename T>
 void rope_rows(T* x, const int64_t* pos, const float* cos, const float* sin, int64_t tokens,
                int64_t heads, int64_t d, int64_t tok_stride) {
   const int64_t half = d / 2;
-#pragma omp parallel for if (tokens > 16)
-  for (int64_t t = 0; t < tokens; ++t) {
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+  for (int64_t t = begin; t < end; ++t) {
     const float* c = cos + pos[t] * d;
     const float* s = sin + pos[t] * d;     // sign folded in: [-sin, sin]
     for (int64_t h = 0; h < heads; ++h) {
@@ -52,12 +53,13 @@ void rope_rows(T* x, const int64_t* pos, const float* cos, const float* sin, int
       }
     }
   }
+  });
 }
 
 template <typename T>
 void silu_mul_rows(const T* gu, T* out, int64_t rows, int64_t n) {
-#pragma omp parallel for if (rows > 4)
-  for (int64_t r = 0; r < rows; ++r) {
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
     const T* g = gu + r * 2 * n;
     const T* u = g + n;
     T* o = out + r * n;
@@ -70,6 +72,7 @@ void silu_mul_rows(const T* gu, T* out, int64_t rows, int64_t n) {
       o[i] = static_cast<T>(act * static_cast<float>(u[i]));
     }
   }
+  });
 }
 
 void check_2d(const torch::Tensor& t, const char* what) {

@@ -6,10 +6,10 @@
 // prefetcher follows one stream per thread far better than 4 interleaved
 // rows: 27 vs 16 GB/s on 2 Zen 4 cores, benchmarks/micro/cpu_gemv.py).
 // AVX-512 BF16 dot products (vdpbf16ps) accumulate in fp32; tiles of 4 rows
-// x 4 tokens; rows split across OpenMP threads.
+// x 4 tokens; rows split across torch's threads.
 #include <torch/extension.h>
 #include <immintrin.h>
-#include <omp.h>
+#include <ATen/Parallel.h>
 
 namespace {
 
@@ -54,12 +54,14 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor packed) {
   const auto* xp = x.data_ptr<at::BFloat16>();
   const auto* wp = packed.data_ptr<at::BFloat16>();
   auto* op = out.data_ptr<at::BFloat16>();
-#pragma omp parallel for schedule(static)
-  for (int64_t nb = 0; nb < N / kRows; ++nb) {
-    const at::BFloat16* wt = wp + nb * K * kRows;
-    int64_t m = 0;
-    for (; m + kToks <= M; m += kToks) tile<kToks>(xp, wt, op, K, N, nb * kRows, m);
-    for (; m < M; ++m) tile<1>(xp, wt, op, K, N, nb * kRows, m);
-  }
+  // torch's own thread pool: a second OpenMP runtime would spin against it.
+  at::parallel_for(0, N / kRows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; ++nb) {
+      const at::BFloat16* wt = wp + nb * K * kRows;
+      int64_t m = 0;
+      for (; m + kToks <= M; m += kToks) tile<kToks>(xp, wt, op, K, N, nb * kRows, m);
+      for (; m < M; ++m) tile<1>(xp, wt, op, K, N, nb * kRows, m);
+    }
+  });
   return out;
 }
