@@ -65,6 +65,20 @@ def test_single_and_batched(tiny, family, page_size):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_pure_torch_path(tiny, family, monkeypatch):
+    """The torch ops and torch attention backend alone (what a GPU or a CPU without
+    AVX-512 BF16 runs): same greedy ids."""
+    from kernels import cpu as cpu_kernels
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    folder, ref = tiny[family]
+    eng = engine_for(folder, page_size=4, chunk=32)
+    assert eng.runner.backend.__class__.__name__ == "TorchAttentionBackend"
+    check_all(eng, ref, prompts(12, [3, 29, 50, 64]), 10, f"{family} pure torch")
+    base = prompts(13, [60])[0]
+    check_all(eng, ref, [base, base[:50] + [1, 2, 3]], 6, f"{family} pure torch cached")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_cached_prefix(tiny, family, page_size):
     folder, ref = tiny[family]
