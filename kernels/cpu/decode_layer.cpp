@@ -2,16 +2,8 @@
 // ops the Python layer runs for few tokens, chained in C++ so that a step
 // pays one dispatch per layer instead of a dozen (~2 ms of 15 ms for
 // SmolLM2 at batch 1). Llama-family layers: optional QKV bias, no q/k norm.
-#include <torch/extension.h>
+#include "ops.h"
 #include <cstring>
-
-torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor packed);
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                               torch::Tensor slots, torch::Tensor lens, double scale);
-std::vector<torch::Tensor> add_rmsnorm(torch::Tensor x, c10::optional<torch::Tensor> residual,
-                                       torch::Tensor weight, double eps);
-void rope_(torch::Tensor x, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin);
-torch::Tensor silu_mul(torch::Tensor gate_up);
 
 // k, v [T, KVH, D] (rows strided) into the pools at out_slots; at::index_put_
 // costs ~10 us a call, more than the copy.

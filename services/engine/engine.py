@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .config import EngineConfig
-from .request import Request, Status
+from .request import Request
 from .sampler import SamplingBatch, SamplingInput
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch

@@ -2,7 +2,6 @@
 seeded sampling through the engine, streaming, the CLI."""
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys

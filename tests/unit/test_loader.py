@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,19 +15,6 @@ from services.engine.loader import ModelLoadError, iter_weights, list_models, re
 from services.engine.model_registry import DEFAULT_MODEL, KNOWN_MODELS
 
 gguf = pytest.importorskip("gguf")
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    """One fresh model cache for the whole session (both test files share it), so the
-    default model is converted once and the tests also pass on a machine with no cache."""
-    path = tmp_path_factory.getbasetemp() / "tandem-cache"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TANDEM_CACHE_DIR", str(path))
-    mp.setenv("TANDEM_NO_PROGRESS", "1")
-    yield path
-    mp.undo()
-    shutil.rmtree(path, ignore_errors=True)   # 0.5 GB; pytest would keep three sessions of it
 
 
 @pytest.fixture(scope="session")

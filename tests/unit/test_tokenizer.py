@@ -25,18 +25,6 @@ TEXTS = [
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    """Same fresh cache as test_loader.py's: the default model is converted once a session."""
-    path = tmp_path_factory.getbasetemp() / "tandem-cache"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TANDEM_CACHE_DIR", str(path))
-    mp.setenv("TANDEM_NO_PROGRESS", "1")
-    yield path
-    mp.undo()
-    shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def folder(cache_dir):
     return resolve_model(DEFAULT_MODEL).path
