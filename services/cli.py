@@ -52,7 +52,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from services.engine.loader import list_models
     for name, desc, cached in list_models():
-        print(f"{name:24s} {desc}\n{'':24s} cached: {cached or '(not yet)'}")
+        where = cached or ("random weights, nothing to cache (--load-format dummy)" if "dummy" in desc
+                           else "(not yet: converted on first use)")
+        print(f"{name:24s} {desc}\n{'':24s} cached: {where}")
     return 0
 
 
