@@ -30,6 +30,7 @@ serve: setup
 	$(VENV)/bin/tandem serve
 
 bench: setup
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/offline.py --num-prompts 64 --input-len 256 --output-len 128 --baseline transformers
 
 clean:
