@@ -40,12 +40,13 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [S, V] (float32) of the chunks that sample, in batch order."""
         ids: list[int] = []
-        positions, out_slots, specs, last_rows = [], [], [], []
+        positions: list[int] = []
+        out_slots, specs, last_rows = [], [], []
         row = 0
         for c in batch.chunks:
             ids += tokens_of(c.req, c.start, c.n)
+            positions += range(c.start, c.start + c.n)
             slots = self.slots(c.req.pages, c.start + c.n)
-            positions.append(torch.arange(c.start, c.start + c.n, dtype=torch.int64))
             out_slots.append(slots[c.start:])
             specs.append((c.start, c.n, slots))
             row += c.n
@@ -53,7 +54,7 @@ class ModelRunner:
                 last_rows.append(row - 1)
         dev = self.device
         input_ids = torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True)
-        pos = torch.cat(positions).to(dev, non_blocking=True)
+        pos = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
         ctx = ForwardContext(
             out_slots=torch.cat(out_slots).to(dev, non_blocking=True),
             attn_meta=self.backend.build([SeqSpec(s, n, sl.to(dev, non_blocking=True)) for s, n, sl in specs]),
@@ -61,5 +62,7 @@ class ModelRunner:
         )
         with forward_context(ctx):
             hidden = self.model(input_ids, pos)
+        if len(last_rows) == row:           # every token samples (pure decode): no gather
+            return self.model.compute_logits(hidden)
         rows = torch.tensor(last_rows, dtype=torch.int64).to(dev, non_blocking=True)
         return self.model.compute_logits(hidden[rows])

@@ -24,7 +24,7 @@ class _Extend:
 
 @dataclass
 class TorchMeta:
-    decode_rows: torch.Tensor | None = None    # rows of single-token sequences
+    decode_rows: torch.Tensor | None = None    # rows of single-token sequences (unless contiguous)
     decode_idx: torch.Tensor | None = None     # [Bd, L] KV slots, padded with slot 0
     decode_mask: torch.Tensor | None = None    # [Bd, 1, 1, L] bool; None if no padding
     decode_lens: torch.Tensor | None = None    # [Bd] valid lengths (backends that read pages in place)
@@ -58,18 +58,16 @@ class TorchAttentionBackend(AttentionBackend):
         return _Extend(row0, s.n, s.slots, mask)
 
     def _build_decode(self, meta: TorchMeta, rows: list[int], slots: list[torch.Tensor]) -> None:
-        dev = slots[0].device
         lens = [len(x) for x in slots]
         width = max(lens)
-        idx = torch.zeros(len(slots), width, dtype=torch.int64, device=dev)
-        for i, x in enumerate(slots):
-            idx[i, :len(x)] = x
-        meta.decode_idx = idx
+        meta.decode_idx = torch.nn.utils.rnn.pad_sequence(slots, batch_first=True)   # pads with slot 0
         if min(lens) != width:
+            dev = slots[0].device
             lens_t = torch.tensor(lens, device=dev)
             meta.decode_mask = (torch.arange(width, device=dev)[None, :] < lens_t[:, None])[:, None, None, :]
         meta.decode_contiguous = rows == list(range(len(rows)))
-        meta.decode_rows = torch.tensor(rows, dtype=torch.int64, device=dev)
+        if not meta.decode_contiguous:
+            meta.decode_rows = torch.tensor(rows, dtype=torch.int64, device=slots[0].device)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 out_slots: torch.Tensor, meta: TorchMeta) -> torch.Tensor:
@@ -80,7 +78,8 @@ class TorchAttentionBackend(AttentionBackend):
             return self._decode(q, kc, vc, meta).reshape(q.shape[0], -1)
         out = torch.empty_like(q)
         if meta.decode_idx is not None:
-            out[meta.decode_rows] = self._decode(q[meta.decode_rows], kc, vc, meta)
+            rows = slice(0, meta.decode_idx.shape[0]) if meta.decode_contiguous else meta.decode_rows
+            out[rows] = self._decode(q[rows], kc, vc, meta)
         for e in meta.extends:
             out[e.row0:e.row0 + e.n] = self._extend_attn(q, k, v, kc, vc, e)
         return out.reshape(q.shape[0], -1)
