@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
-
 import torch
+
+from kernels import cpu as cpu_kernels
 
 from .attention.base import default_backend, get_backend
 from .config import DTYPES, EngineConfig, ModelConfig
@@ -44,21 +44,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: bfloat16 on GPU; on CPU bfloat16 where the CPU has bf16 instructions
     (faster there), else float32 (also the exact reference)."""
     if name == "auto":
-        if device.type == "cuda" or cpu_has_fast_bf16():
+        if device.type == "cuda" or {"avx512_bf16", "amx_bf16"} & cpu_kernels.cpu_flags():
             return torch.bfloat16
         return torch.float32
     if name not in DTYPES:

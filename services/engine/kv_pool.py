@@ -134,12 +134,6 @@ class KVPool:
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
 
     @staticmethod
-    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
-                        dtype: torch.dtype) -> int:
-        """K and V of one position across all layers."""
-        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-
-    @staticmethod
     def pages_for_budget(budget_bytes: int, page_size: int, bytes_per_token: int) -> int:
         """How many pages fit in budget_bytes (page 0 included in the count)."""
         if page_size < 1 or bytes_per_token < 1:
@@ -149,14 +143,6 @@ class KVPool:
     @property
     def num_slots(self) -> int:
         return self.num_pages * self.page_size
-
-    def slots(self, pages: Sequence[int], start: int, end: int) -> list[int]:
-        """Slot ids of positions [start, end) of a sequence with page table `pages`."""
-        return slots_for(pages, self.page_size, start, end)
-
-    def slot_tensor(self, page_table: torch.Tensor, positions: torch.Tensor,
-                    rows: torch.Tensor | None = None) -> torch.Tensor:
-        return slot_tensor(page_table, positions, self.page_size, rows)
 
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v ([n, num_kv_heads, head_dim]) of one layer at `slots` ([n])."""

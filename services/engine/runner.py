@@ -8,6 +8,7 @@ import torch
 
 from .attention.base import AttentionBackend, SeqSpec
 from .forward_context import ForwardContext, forward_context
+from .kv_pool import slot_tensor
 from .request import Request
 from .scheduler import ScheduledBatch
 
@@ -29,12 +30,11 @@ class ModelRunner:
         self.backend = backend
         self.ps = page_size
         self.device = device
-        self._offsets = torch.arange(page_size, dtype=torch.int64)
 
     def slots(self, pages: list[int], length: int) -> torch.Tensor:
         """KV slots of positions [0, length) of a sequence with these pages (CPU tensor)."""
-        p = torch.tensor(pages[:-(-length // self.ps)], dtype=torch.int64)
-        return (p[:, None] * self.ps + self._offsets).flatten()[:length]
+        table = torch.tensor(pages[:-(-length // self.ps)], dtype=torch.int64)
+        return slot_tensor(table, torch.arange(length), self.ps)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:

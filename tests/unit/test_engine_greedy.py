@@ -178,3 +178,10 @@ def test_smollm2_bf16_fast_cpu_path(smol):
             assert_greedy_equal(r.output_ids, want, gaps, f"smollm2 bf16 prompt {i}")
     finally:
         reference.TIE_TOL = old
+
+
+def test_model_config_kv_bytes_per_token():
+    from services.engine.loader import resolve_model
+    import torch
+    cfg = resolve_model("smollm2-135m", "dummy").model_config
+    assert cfg.kv_bytes_per_token(torch.bfloat16) == 2 * 30 * 3 * 64 * 2

@@ -130,9 +130,8 @@ def test_kvpool_shapes():
     assert pool.allocator.num_pages == 5 and pool.num_slots == 20
 
 
-def test_pages_for_budget_and_bytes_per_token():
-    bpt = KVPool.bytes_per_token(num_layers=30, num_kv_heads=3, head_dim=64, dtype=torch.bfloat16)
-    assert bpt == 2 * 30 * 3 * 64 * 2
+def test_pages_for_budget():
+    bpt = 2 * 30 * 3 * 64 * 2
     assert KVPool.pages_for_budget(bpt * 16 * 10 + 5, 16, bpt) == 10
     assert KVPool.pages_for_budget(bpt * 15, 16, bpt) == 0
     assert KVPool.pages_for_budget(-1, 16, bpt) == 0
@@ -140,11 +139,11 @@ def test_pages_for_budget_and_bytes_per_token():
 
 def test_slots_and_store():
     pool = KVPool(6, 4, 1, 1, 2, torch.float32, "cpu")
-    assert pool.slots([3, 1], 2, 7) == [14, 15, 4, 5, 6]
-    assert pool.slots([3, 1], 0, 0) == []
+    assert slots_for([3, 1], 4, 2, 7) == [14, 15, 4, 5, 6]
+    assert slots_for([3, 1], 4, 0, 0) == []
     with pytest.raises(ValueError):
-        pool.slots([3, 1], 0, 9)
-    slots = torch.tensor(pool.slots([3, 1], 2, 5))
+        slots_for([3, 1], 4, 0, 9)
+    slots = torch.tensor(slots_for([3, 1], 4, 2, 5))
     k = torch.arange(6, dtype=torch.float32).view(3, 1, 2)
     pool.store(0, slots, k, -k)
     assert torch.equal(pool.k_cache[0][slots], k) and torch.equal(pool.v_cache[0][slots], -k)

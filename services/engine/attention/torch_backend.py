@@ -71,9 +71,8 @@ class TorchAttentionBackend(AttentionBackend):
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 out_slots: torch.Tensor, meta: TorchMeta) -> torch.Tensor:
+        self.kv_pool.store(layer, out_slots, k, v)
         kc, vc = self.kv_pool.k_cache[layer], self.kv_pool.v_cache[layer]
-        kc[out_slots] = k
-        vc[out_slots] = v
         if meta.decode_contiguous and not meta.extends:
             return self._decode(q, kc, vc, meta).reshape(q.shape[0], -1)
         out = torch.empty_like(q)
