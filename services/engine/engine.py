@@ -28,6 +28,8 @@ class StepOutput:
     finish_reason: str | None = None
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    num_cached_prompt: int = 0
+    kv: torch.Tensor | None = None      # prefill role: the exported KV (KVPool.gather layout)
 
 
 @dataclass
@@ -55,21 +57,70 @@ class Engine:
         self.context_len = p.context_len
         self.eos_token_ids = p.eos_token_ids
         self._requests: dict[str, Request] = {}
+        self._reserved: dict[str, Request] = {}     # decode role: waiting for their KV
         self._ids = itertools.count()
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-                    rid: str | None = None) -> str:
+                    rid: str | None = None, export_kv_from: int | None = None) -> str:
+        """Queue a request. With export_kv_from (prefill role), its last StepOutput
+        carries the KV of prompt positions [export_kv_from, len(prompt_ids))."""
+        req = self._new_request(prompt_ids, params, rid)
+        if export_kv_from is not None:
+            if not 0 <= export_kv_from < len(req.prompt_ids):
+                raise EngineError(f"export_kv_from {export_kv_from} is outside the prompt "
+                                  f"[0, {len(req.prompt_ids)})")
+            req.export_kv_from = export_kv_from
+        self._requests[req.rid] = req
+        self.scheduler.add(req)
+        return req.rid
+
+    def _new_request(self, prompt_ids: Sequence[int], params: SamplingParams | None,
+                     rid: str | None) -> Request:
         params = params or SamplingParams()
         params.validate(self.model_config.vocab_size)
         self._check_prompt(prompt_ids)
         rid = rid if rid is not None else f"req-{next(self._ids)}"
-        if rid in self._requests:
+        if rid in self._requests or rid in self._reserved:
             raise EngineError(f"rid {rid!r} is already in use")
-        req = Request(rid, list(prompt_ids), params, self.eos_token_ids)
+        return Request(rid, list(prompt_ids), params, self.eos_token_ids)
+
+    # -- decode role: a prompt prefilled elsewhere ---------------------------------------------
+    # reserve() -> write_kv()* -> activate() (or abort()). Between reserve and activate the
+    # request holds its pages but is not scheduled; only write_kv touches them.
+    def reserve(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                rid: str | None = None) -> tuple[str, int] | None:
+        """Pages for a whole prompt, reusing the cached prefix: (rid, cached tokens), the
+        positions whose KV is already here. None (nothing held) when memory lacks."""
+        req = self._new_request(prompt_ids, params, rid)
+        self.kv.admit(req)
+        n = len(req.prompt_ids)
+        if self.kv.pages_needed(req, n + 1) > self.kv.available_pages() - self.scheduler.running_reserve() \
+                or not self.kv.ensure_pages(req, n):
+            self.kv.release(req, keep=False)
+            return None
+        self._reserved[req.rid] = req
+        return req.rid, req.cached_len
+
+    def write_kv(self, rid: str, start: int, kv: torch.Tensor) -> None:
+        """KV (KVPool.gather layout) of prompt positions [start, start + len(kv))."""
+        req = self._reserved[rid]
+        end = start + kv.shape[0]
+        if not req.cached_len <= start <= end <= len(req.prompt_ids):
+            raise EngineError(f"KV for positions [{start}, {end}) outside the reserved "
+                              f"[{req.cached_len}, {len(req.prompt_ids)})")
+        self.kv.pool.scatter(self.runner.slots(req.pages, end)[start:], kv)
+
+    def activate(self, rid: str, first_token: int, logprob: float | None = None,
+                 top_logprobs=None, num_cached_prompt: int | None = None) -> StepOutput:
+        """The prompt's KV is complete: decode on from the token the prefill sampled."""
+        req = self._reserved.pop(rid)
+        req.num_computed = len(req.prompt_ids)
+        req.num_cached_prompt = req.cached_len if num_cached_prompt is None else num_cached_prompt
+        self.kv.cache_prefix(req)
+        self.scheduler.add_running(req)
         self._requests[rid] = req
-        self.scheduler.add(req)
-        return rid
+        return self._append(req, first_token, logprob, top_logprobs)
 
     def _check_prompt(self, prompt_ids: Sequence[int]) -> None:
         if len(prompt_ids) == 0:
@@ -86,13 +137,24 @@ class Engine:
         """Drop a request and free every page it holds at once."""
         req = self._requests.pop(rid, None)
         if req is None:
-            return False
+            req = self._reserved.pop(rid, None)
+            if req is None:
+                return False
+            self.kv.release(req, keep=False)
+            req.finish_reason = "abort"
+            return True
         self.scheduler.remove(req, keep=False)
         req.finish_reason = "abort"
         return True
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    def load(self) -> tuple[int, int, float]:
+        """(running, waiting, fraction of KV pages in use, cache included)."""
+        alloc = self.kv.allocator
+        used = 1.0 - alloc.num_free / max(1, alloc.num_pages - 1)
+        return len(self.scheduler.running), len(self.scheduler.waiting), used
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
@@ -126,13 +188,17 @@ class Engine:
             if req.params.top_logprobs:
                 req.output_top_logprobs.append(top or [])
         reason = self._finish_reason(req, tok)
+        kv = None
         if reason is not None:
+            if req.export_kv_from is not None:
+                kv = self.kv.pool.gather(self.runner.slots(req.pages, len(req.prompt_ids))[req.export_kv_from:])
             req.finish_reason = reason
             self.scheduler.remove(req, keep=True)
             self._requests.pop(req.rid, None)
         return StepOutput(req.rid, [tok], reason is not None, reason,
                           [lp] if req.params.logprobs else None,
-                          [top or []] if req.params.top_logprobs else None)
+                          [top or []] if req.params.top_logprobs else None,
+                          req.num_cached_prompt, kv)
 
     def _finish_reason(self, req: Request, tok: int) -> str | None:
         p = req.params
@@ -188,7 +254,8 @@ class Engine:
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
-        held = sum(len(r.pages) - r.cached_len // self.kv.ps for r in self.scheduler.running)
+        held = sum(len(r.pages) - r.cached_len // self.kv.ps
+                   for r in [*self.scheduler.running, *self._reserved.values()])
         cache_pages = self.kv.cache.total_pages if self.kv.cache else 0
         total = self.kv.allocator.num_pages - 1
         assert self.kv.allocator.num_free + cache_pages + held == total, "pages leaked or double-counted"

@@ -148,3 +148,23 @@ class KVPool:
         """Write k, v ([n, num_kv_heads, head_dim]) of one layer at `slots` ([n])."""
         self.k_cache[layer][slots] = k
         self.v_cache[layer][slots] = v
+
+    # -- moving KV between workers ---------------------------------------------------------
+    # The wire layout of a run of positions is [n, num_layers, 2 (k, v), num_kv_heads,
+    # head_dim]: a token range is contiguous, so it can be cut into chunks anywhere.
+    def gather(self, slots: torch.Tensor) -> torch.Tensor:
+        """The KV at `slots` ([n]) of every layer, in the wire layout (a copy)."""
+        slots = slots.to(self.device)
+        per_layer = [torch.stack((k[slots], v[slots]), dim=1) for k, v in zip(self.k_cache, self.v_cache)]
+        return torch.stack(per_layer, dim=1)
+
+    def scatter(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """Write `kv` (wire layout, [n, ...]) at `slots` ([n]) of every layer."""
+        expected = (len(slots), self.num_layers, 2, self.num_kv_heads, self.head_dim)
+        if tuple(kv.shape) != expected:
+            raise ValueError(f"KV of shape {tuple(kv.shape)} does not fit this pool: expected {expected}")
+        slots = slots.to(self.device)
+        kv = kv.to(self.device, self.dtype)
+        for layer in range(self.num_layers):
+            self.k_cache[layer][slots] = kv[:, layer, 0]
+            self.v_cache[layer][slots] = kv[:, layer, 1]

@@ -36,6 +36,9 @@ class Request:
     cache_node: Any = None
     num_cached_prompt: int = 0     # prompt tokens served from cache at (first) admission
     num_retractions: int = 0
+    # Prefill role: when the request finishes, copy out the KV of prompt
+    # positions [export_kv_from, len(prompt_ids)) for a decode worker.
+    export_kv_from: int | None = None
 
     @property
     def all_ids(self) -> list[int]:

@@ -53,6 +53,11 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
+    def add_running(self, req: Request) -> None:
+        """A request whose prompt KV is already in its pages (prefilled elsewhere)."""
+        req.status = Status.RUNNING
+        self.running.append(req)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -119,7 +124,7 @@ class Scheduler:
         # Alone, a request only needs its sequence (the context cap makes that fit);
         # beside others it must also leave room for a share of its future tokens.
         future = self._reserve(r) if self.running else 1
-        if self.kv.pages_needed(r, r.seq_len + future) > self.kv.available_pages() - self._running_reserve():
+        if self.kv.pages_needed(r, r.seq_len + future) > self.kv.available_pages() - self.running_reserve():
             self.kv.release(r, keep=False)
             return None
         c = self._chunk(r, budget)
@@ -138,7 +143,7 @@ class Scheduler:
         left = r.params.max_new_tokens - len(r.output_ids)
         return int(left * self.cfg.new_token_ratio)
 
-    def _running_reserve(self) -> int:
+    def running_reserve(self) -> int:
         """Pages the running requests are still owed: rest of the prompt plus their reserve."""
         return sum(self.kv.pages_needed(r, r.seq_len + self._reserve(r)) for r in self.running)
 
