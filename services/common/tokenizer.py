@@ -184,8 +184,18 @@ def _compile(template: str):
     """The template in a jinja2 environment like transformers' (chat templates are
     untrusted code from the Hub: an immutable sandbox)."""
     import jinja2
-    from jinja2.ext import loopcontrols
+    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """{% generation %}...{% endgeneration %} (training templates mark the assistant's
+        tokens with it): rendered as its body, as transformers does when it tracks nothing."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -221,7 +231,7 @@ def _compile(template: str):
             if isinstance(key, str) and key.startswith("_"):
                 raise jinja2.exceptions.SecurityError(f"namespace attribute {key!r}: no underscore names")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now,
                        dict=TemplateDict(), namespace=Namespace)

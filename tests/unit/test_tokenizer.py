@@ -253,6 +253,7 @@ Tools: {{ tools | tojson(indent=2) }}
 [{{ ns.turns }}|{{ m.role }}] {{ m.content if m.content is defined else '(no content)' }}
 {{ {'c': m.content | default(none), 'r': m.reasoning_content | default(none), 'html': '<&>'} | tojson }}
     {{- eos_token }}
+    {% if m.role == 'assistant' %}{% generation %}<{{ m.role }} {{ loop.index }}>{% endgeneration %}{% endif %}
     {% if loop.index >= 4 %}{% break %}{% endif %}
 {% endfor %}
 {% if add_generation_prompt %}[assistant:{{ unk_token }}|{{ pad_token }}|{{ ns.last }}|{{ dict(a=1) | tojson }}]{% endif %}"""
