@@ -1,0 +1,113 @@
+"""`tandem worker`: one engine behind the Worker gRPC service.
+
+Loads the model, warms it up, then serves Worker, grpc.health.v1 and server
+reflection on grpc.aio (uvloop). SIGTERM or SIGINT drains: health turns
+NOT_SERVING, KV event streams end, new calls are refused, in-flight ones get
+drain_timeout_s to finish, then the process exits.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.grpc_utils import SERVER_OPTIONS
+from tandem.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("tandem.worker")
+
+ROLES = ("prefill", "decode", "both")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    role: str = "both"                  # prefill | decode | both
+    host: str = "127.0.0.1"
+    port: int = 50061
+    metrics_port: int = 0               # Prometheus /metrics over HTTP; 0: off
+    served_model_name: str = ""         # default: the --model value
+    transfer_backend: str = "grpc"
+    prefill_timeout_s: float = 60.0
+    drain_timeout_s: float = 30.0
+    threads: int = 0                    # torch intra-op threads; 0: torch's default (all cores)
+
+
+def _build_engine(ecfg):
+    from services.engine.engine import Engine
+    from services.engine.sampling_params import SamplingParams
+    engine = Engine(ecfg)
+    # Warm-up: the first forward loads kernels and allocates; do it before serving.
+    engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2, temperature=0.0))
+    if engine.kv.cache is not None:
+        engine.kv.cache.reset()
+        engine.kv.cache.drain_events()
+    return engine
+
+
+async def serve(wcfg: WorkerConfig, ecfg) -> None:
+    import dataclasses
+
+    import torch
+
+    from services.transfer import KvLayout, get_backend
+
+    from . import metrics
+    from .engine_loop import EngineLoop
+    from .servicer import WorkerServicer
+    from .state import WorkerState
+
+    if wcfg.role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {wcfg.role!r}")
+    if wcfg.threads > 0:
+        torch.set_num_threads(wcfg.threads)
+    t0 = time.perf_counter()
+    ecfg = dataclasses.replace(ecfg, cache=dataclasses.replace(ecfg.cache, kv_events=True))
+    engine = await asyncio.to_thread(_build_engine, ecfg)
+    pool = engine.kv.pool
+    layout = KvLayout(pool.num_layers, pool.num_kv_heads, pool.head_dim, str(pool.dtype).removeprefix("torch."))
+    loop = EngineLoop(engine, asyncio.get_running_loop())
+    state = WorkerState(loop=loop, role=wcfg.role, transfer=get_backend(wcfg.transfer_backend, layout),
+                        prefill_timeout_s=wcfg.prefill_timeout_s)
+    loop.start()
+
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    worker_pb2_grpc.add_WorkerServicer_to_server(
+        WorkerServicer(state, wcfg.served_model_name or ecfg.model), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name, health.SERVICE_NAME,
+             reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    address = f"{wcfg.host}:{wcfg.port}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    if wcfg.metrics_port:
+        from prometheus_client import start_http_server
+        metrics.bind_engine(engine.load)
+        start_http_server(wcfg.metrics_port, addr=wcfg.host)
+    for name in ("", names[0]):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.warning("worker %s (role %s, model %s) serving on %s%s after %.1f s", state.worker_id, wcfg.role,
+                ecfg.model, address, f", metrics on :{wcfg.metrics_port}" if wcfg.metrics_port else "",
+                time.perf_counter() - t0)
+
+    stop = asyncio.Event()
+    aio = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        aio.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.warning("worker %s draining (up to %.0f s)", state.worker_id, wcfg.drain_timeout_s)
+    state.draining = True
+    await health_servicer.enter_graceful_shutdown()
+    for q in list(loop.subscribers):
+        q.put_nowait(None)
+    await server.stop(grace=wcfg.drain_timeout_s)
+    loop.stop()
+    log.warning("worker %s stopped", state.worker_id)
