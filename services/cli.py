@@ -58,40 +58,98 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from services.common.grpc_utils import run
+    from services.worker.server import WorkerConfig, serve
+    wcfg = dataclass_from_args(WorkerConfig, args)
+    ecfg = _engine_config(args)
+    run(lambda: serve(wcfg, ecfg))
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from services.common.grpc_utils import run
+    from services.gateway.config import GatewayConfig
+    from services.gateway.server import serve
+    cfg = dataclass_from_args(GatewayConfig, args)
+    if not cfg.worker:
+        print("error: give at least one --worker HOST:PORT", file=sys.stderr)
+        return 2
+    run(lambda: serve(cfg))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    # The services (gateway, prefill and decode workers) come with the next
-    # milestone; until then `serve` shows the engine answering a chat prompt.
-    args.chat = args.chat or ["Hello! What can you do?"]
-    args.prompt = None
-    return cmd_generate(args)
+    from services import launcher
+    from services.common.cli_args import dataclass_to_argv
+    from services.gateway.config import GatewayConfig
+    scfg = dataclass_from_args(launcher.ServeConfig, args)
+    gcfg = dataclass_from_args(GatewayConfig, args, _GATEWAY_SKIP)
+    ecfg = _engine_config(args)
+    return launcher.run(scfg, dataclass_to_argv(gcfg, ("host", "port", "grpc_port", "worker")),
+                        dataclass_to_argv(ecfg), args.host, args.port, args.grpc_port, args.log_level)
 
 
-def build_parser() -> argparse.ArgumentParser:
+_GATEWAY_SKIP = ("worker",)
+_COMMANDS = ("generate", "worker", "gateway", "serve", "models")
+_ENGINE_CMDS = ("generate", "worker", "serve")
+
+
+def build_parser(cmd: str | None = None) -> argparse.ArgumentParser:
+    """Engine flags are added only to the command being run (the gateway never imports torch)."""
+    from services.gateway.config import GatewayConfig
     parser = argparse.ArgumentParser(prog="tandem", description="Tandem LLM serving")
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name, fn, help_ in [("generate", cmd_generate, "generate text offline with the engine"),
-                            ("serve", cmd_serve, "serve the default model")]:
-        p = sub.add_parser(name, help=help_)
-        _add_engine_args(p)
-        p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
-        p.add_argument("--chat", action="append", help="a user message, rendered with the chat template")
-        p.add_argument("--max-new-tokens", type=int, default=64)
-        p.add_argument("--temperature", type=float, default=0.0)
-        p.add_argument("--seed", dest="seed_sampling", type=int, default=None,
-                       help="sampling seed (the same seed gives the same tokens)")
-        p.add_argument("--ignore-eos", action="store_true")
-        p.add_argument("--json", action="store_true", help="one JSON line per prompt")
-        p.set_defaults(fn=fn)
+
+    def engine_args(p):
+        if cmd is None or cmd == p.prog.split()[-1]:
+            _add_engine_args(p)
+
+    p = sub.add_parser("generate", help="generate text offline with the engine")
+    engine_args(p)
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    p.add_argument("--chat", action="append", help="a user message, rendered with the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", dest="seed_sampling", type=int, default=None,
+                   help="sampling seed (the same seed gives the same tokens)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON line per prompt")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("worker", help="serve one engine as a prefill, decode or collocated worker (gRPC)")
+    engine_args(p)
+    if cmd is None or cmd == "worker":
+        from services.worker.server import WorkerConfig
+        add_dataclass_args(p, WorkerConfig)
+    p.set_defaults(fn=cmd_worker)
+
+    p = sub.add_parser("gateway", help="serve the public API (gRPC + REST) in front of workers")
+    add_dataclass_args(p, GatewayConfig)
+    p.set_defaults(fn=cmd_gateway)
+
+    p = sub.add_parser("serve", help="gateway + prefill and decode workers on this machine (default model)")
+    engine_args(p)
+    add_dataclass_args(p, GatewayConfig, _GATEWAY_SKIP)
+    from services.launcher import ServeConfig
+    add_dataclass_args(p, ServeConfig)
+    p.set_defaults(fn=cmd_serve)
+
     p = sub.add_parser("models", help="list known model names and where each is cached")
     p.set_defaults(fn=cmd_models)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cmd = next((a for a in argv if not a.startswith("-") and a in _COMMANDS), None)
+    args = build_parser(cmd).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from services.engine.loader import ModelLoadError
+    if args.cmd in _ENGINE_CMDS:
+        from services.engine.loader import ModelLoadError
+    else:
+        ModelLoadError = OSError
     try:
         return args.fn(args)
     except ModelLoadError as e:

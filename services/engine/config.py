@@ -115,7 +115,7 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    policy: str = "lpm"               # fcfs | lpm
+    schedule_policy: str = "lpm"      # fcfs | lpm
     max_running_requests: int = 256
     chunked_prefill_size: int = 2048  # per-step token budget for new (prefill) tokens
     new_token_ratio: float = 0.4      # share of max_new_tokens reserved at admission

@@ -41,8 +41,8 @@ LPM_MAX_QUEUE = 128      # past this many waiting requests, prefix matching cost
 
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, kv: KVManager):
-        if cfg.policy not in POLICIES:
-            raise ValueError(f"policy {cfg.policy!r} is unknown (known: {POLICIES})")
+        if cfg.schedule_policy not in POLICIES:
+            raise ValueError(f"policy {cfg.schedule_policy!r} is unknown (known: {POLICIES})")
         self.cfg = cfg
         self.kv = kv
         self.waiting: deque[Request] = deque()
@@ -149,7 +149,7 @@ class Scheduler:
 
     def _admission_order(self) -> Iterable[Request]:
         waiting = list(self.waiting)
-        if self.cfg.policy == "lpm" and 1 < len(waiting) <= LPM_MAX_QUEUE:
+        if self.cfg.schedule_policy == "lpm" and 1 < len(waiting) <= LPM_MAX_QUEUE:
             # Retracted requests keep their place at the head; the rest go longest-prefix first.
             head = [r for r in waiting if r.num_retractions]
             rest = [r for r in waiting if not r.num_retractions]

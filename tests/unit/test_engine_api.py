@@ -58,7 +58,7 @@ def test_waiting_request_abort(folder):
 
 @pytest.mark.parametrize("policy", ["fcfs", "lpm"])
 def test_policies_serve_everything(folder, policy):
-    eng = make(folder, policy=policy, max_running_requests=2)
+    eng = make(folder, schedule_policy=policy, max_running_requests=2)
     base = prompts(2, [32])[0]
     ps = [base + [i] for i in range(6)] + prompts(3, [10, 12])
     res = eng.generate(ps, SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
@@ -68,7 +68,7 @@ def test_policies_serve_everything(folder, policy):
 
 
 def test_lpm_prefers_cached_prefix(folder):
-    eng = make(folder, policy="lpm", max_running_requests=1)
+    eng = make(folder, schedule_policy="lpm", max_running_requests=1)
     base = prompts(4, [40])[0]
     eng.generate([base], SamplingParams(temperature=0, max_new_tokens=2))
     cold = eng.add_request(prompts(5, [40])[0], SamplingParams(max_new_tokens=2))

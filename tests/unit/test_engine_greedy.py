@@ -32,7 +32,7 @@ def engine_for(folder, page_size=16, tokens=None, chunk=2048, max_running=64, po
     return Engine(EngineConfig(
         model=str(folder), dtype="float32", device="cpu",
         cache=CacheConfig(page_size=page_size, max_total_tokens=tokens or 8192),
-        scheduler=SchedulerConfig(policy=policy, chunked_prefill_size=chunk, max_running_requests=max_running),
+        scheduler=SchedulerConfig(schedule_policy=policy, chunked_prefill_size=chunk, max_running_requests=max_running),
     ))
 
 

@@ -1,0 +1,260 @@
+"""The REST bridge: OpenAI-compatible routes, SGLang's /generate, /health, /metrics.
+
+Streaming answers are Server-Sent Events, one event per message the worker
+sends (one token each at low load). Errors use OpenAI's body
+{"error": {"message", "type", "param", "code"}} with the matching HTTP status;
+an error after the stream started is sent as a last event before [DONE].
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import metrics
+from .core import Gateway
+from .parse import Parsed, parse_chat, parse_completion, parse_generate
+from .types import ApiError, GenChunk
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_DONE = b"data: [DONE]\n\n"
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, round(e.retry_after)))} if e.retry_after else None
+    return JSONResponse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}},
+                        status_code=e.status, headers=headers)
+
+
+def _error_event(e: ApiError) -> bytes:
+    return b"data: " + _dumps({"error": {"message": e.message, "type": e.type, "param": e.param,
+                                         "code": e.code}}).encode() + b"\n\n"
+
+
+def _usage(c: GenChunk) -> dict:
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+            "total_tokens": c.prompt_tokens + c.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": c.cached_tokens}}
+
+
+def build_app(gw: Gateway) -> FastAPI:
+    app = FastAPI(title="Tandem", docs_url=None, redoc_url=None, openapi_url=None)
+    keys = set(gw.cfg.api_key)
+
+    async def body_of(request: Request) -> dict:
+        if keys:
+            auth = request.headers.get("authorization", "")
+            if not auth.startswith("Bearer ") or auth[7:] not in keys:
+                raise ApiError(401, "a valid API key is required (Authorization: Bearer KEY)", code="invalid_api_key")
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise ApiError(400, f"body: not valid JSON ({e})", "body") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "body: must be a JSON object", "body")
+        return body
+
+    async def run(route: str, request: Request, parse, stream_fn, full_fn):
+        try:
+            body = await body_of(request)
+            p = parse(gw, body)
+            gen = gw.generate(p.req)
+            first = await anext(gen)          # routing and worker errors surface as a status, not a stream
+        except ApiError as e:
+            metrics.REQUESTS.labels(route, str(e.status)).inc()
+            return error_response(e)
+        metrics.REQUESTS.labels(route, "200").inc()
+        if p.stream:
+            return StreamingResponse(_guard(stream_fn(p, _chain(first, gen))), media_type="text/event-stream",
+                                     headers=_SSE_HEADERS)
+        try:
+            return JSONResponse(await full_fn(p, _chain(first, gen)))
+        except ApiError as e:
+            return error_response(e)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await run("chat", request, parse_chat, _chat_stream, _chat_full)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await run("completions", request, parse_completion, _completion_stream, _completion_full)
+
+    @app.post("/generate")
+    async def generate(request: Request):
+        return await run("generate", request, parse_generate, _generate_stream, _generate_full)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": m.name, "object": "model", "created": 0, "owned_by": "tandem",
+             "max_model_len": m.context_length} for m in gw.models.values()]}
+
+    @app.get("/health")
+    async def health():
+        ready = gw.ready()
+        workers = {a: {"healthy": w.state.healthy, "role": w.state.role, "model": w.state.model,
+                       "running": w.state.running, "prefill_tokens": w.state.prefill_tokens}
+                   for a, w in gw.workers.items()}
+        return JSONResponse({"status": "ok" if ready else "unavailable", "workers": workers},
+                            status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "1"})
+
+    @app.get("/metrics")
+    async def prom():
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _chain(first: GenChunk, rest: AsyncIterator[GenChunk]) -> AsyncIterator[GenChunk]:
+    yield first
+    async for c in rest:
+        yield c
+
+
+async def _guard(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """An error mid-stream becomes a last event (the status line is already sent)."""
+    try:
+        async for e in events:
+            yield e
+    except ApiError as e:
+        yield _error_event(e)
+        yield _DONE
+
+
+def _token_text(p: Parsed, tid: int) -> str:
+    return p.entry.tokenizer.decode([tid])
+
+
+# ---- chat ----------------------------------------------------------------------------------------
+def _chat_logprobs(p: Parsed, c: GenChunk) -> dict | None:
+    if p.logprobs is None:
+        return None
+    content = []
+    for tid, (lp, top) in zip(c.token_ids, c.logprobs):
+        tok = _token_text(p, tid)
+        content.append({"token": tok, "logprob": lp, "bytes": list(tok.encode()),
+                        "top_logprobs": [{"token": _token_text(p, t), "logprob": v,
+                                          "bytes": list(_token_text(p, t).encode())} for t, v in top]})
+    return {"content": content}
+
+
+async def _chat_stream(p: Parsed, chunks: AsyncIterator[GenChunk]) -> AsyncIterator[bytes]:
+    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    head = ('data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,"choices":['
+            % (cid, created, _dumps(p.entry.name))).encode()
+    yield head + b'{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
+    async for c in chunks:
+        lp = _chat_logprobs(p, c)
+        if c.text or lp:
+            yield head + _dumps({"index": 0, "delta": {"content": c.text}, "logprobs": lp,
+                                 "finish_reason": None}).encode() + b"]}\n\n"
+        if c.finish_reason:
+            yield head + _dumps({"index": 0, "delta": {}, "logprobs": None,
+                                 "finish_reason": c.finish_reason}).encode() + b"]}\n\n"
+            if p.include_usage:
+                yield head + b'],"usage":' + _dumps(_usage(c)).encode() + b"}\n\n"
+    yield _DONE
+
+
+async def _chat_full(p: Parsed, chunks: AsyncIterator[GenChunk]) -> dict:
+    texts, lps, last = [], [], None
+    async for c in chunks:
+        texts.append(c.text)
+        if p.logprobs is not None:
+            lps += _chat_logprobs(p, c)["content"]
+        last = c
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": p.entry.name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(texts)},
+                         "logprobs": {"content": lps} if p.logprobs is not None else None,
+                         "finish_reason": last.finish_reason}],
+            "usage": _usage(last)}
+
+
+# ---- completions ---------------------------------------------------------------------------------
+def _completion_logprobs(p: Parsed, c: GenChunk) -> dict | None:
+    if p.logprobs is None:
+        return None
+    toks = [_token_text(p, t) for t in c.token_ids]
+    return {"tokens": toks, "token_logprobs": [lp for lp, _ in c.logprobs],
+            "top_logprobs": [{_token_text(p, t): v for t, v in top} for _, top in c.logprobs]}
+
+
+async def _completion_stream(p: Parsed, chunks: AsyncIterator[GenChunk]) -> AsyncIterator[bytes]:
+    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    head = ('data: {"id":"%s","object":"text_completion","created":%d,"model":%s,"choices":['
+            % (cid, created, _dumps(p.entry.name))).encode()
+    async for c in chunks:
+        if c.text or c.finish_reason or p.logprobs is not None:
+            yield head + _dumps({"index": 0, "text": c.text, "logprobs": _completion_logprobs(p, c),
+                                 "finish_reason": c.finish_reason}).encode() + b"]}\n\n"
+        if c.finish_reason and p.include_usage:
+            yield head + b'],"usage":' + _dumps(_usage(c)).encode() + b"}\n\n"
+    yield _DONE
+
+
+async def _completion_full(p: Parsed, chunks: AsyncIterator[GenChunk]) -> dict:
+    texts, last = [], None
+    lps = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+    async for c in chunks:
+        texts.append(c.text)
+        if p.logprobs is not None:
+            for k, v in _completion_logprobs(p, c).items():
+                lps[k] += v
+        last = c
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": p.entry.name,
+            "choices": [{"index": 0, "text": "".join(texts), "logprobs": lps if p.logprobs is not None else None,
+                         "finish_reason": last.finish_reason}],
+            "usage": _usage(last)}
+
+
+# ---- SGLang /generate ----------------------------------------------------------------------------
+def _finish(c: GenChunk) -> dict | None:
+    if c.finish_reason is None:
+        return None
+    if c.finish_reason == "length":
+        return {"type": "length", "length": c.completion_tokens}
+    return {"type": c.finish_reason, "matched": c.token_ids[-1] if c.token_ids else None}
+
+
+def _meta(p: Parsed, rid: str, n: int, c: GenChunk, t0: float) -> dict:
+    m = {"id": rid, "prompt_tokens": len(p.req.prompt_ids), "completion_tokens": n,
+         "cached_tokens": c.cached_tokens, "finish_reason": _finish(c)}
+    if c.finish_reason:
+        m["e2e_latency"] = time.perf_counter() - t0
+    return m
+
+
+async def _generate_stream(p: Parsed, chunks: AsyncIterator[GenChunk]) -> AsyncIterator[bytes]:
+    rid, t0 = p.req.request_id or uuid.uuid4().hex, time.perf_counter()
+    text, ids = "", []
+    async for c in chunks:
+        text += c.text
+        for i, tid in enumerate(c.token_ids):         # one event per token, cumulative, as SGLang streams
+            ids.append(tid)
+            last = i == len(c.token_ids) - 1
+            meta = _meta(p, rid, len(ids), c if last else GenChunk([], ""), t0)
+            yield b"data: " + _dumps({"text": text, "output_ids": ids, "meta_info": meta}).encode() + b"\n\n"
+        if not c.token_ids and c.finish_reason:
+            yield b"data: " + _dumps({"text": text, "output_ids": ids,
+                                      "meta_info": _meta(p, rid, len(ids), c, t0)}).encode() + b"\n\n"
+    yield _DONE
+
+
+async def _generate_full(p: Parsed, chunks: AsyncIterator[GenChunk]) -> dict:
+    rid, t0 = p.req.request_id or uuid.uuid4().hex, time.perf_counter()
+    texts, ids, last = [], [], None
+    async for c in chunks:
+        texts.append(c.text)
+        ids += c.token_ids
+        last = c
+    return {"text": "".join(texts), "output_ids": ids, "meta_info": _meta(p, rid, len(ids), last, t0)}

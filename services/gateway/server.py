@@ -1,0 +1,75 @@
+"""`tandem gateway`: the Tandem gRPC service and the REST bridge in one process.
+
+One event loop (uvloop) serves both: grpc.aio for Tandem, uvicorn (httptools)
+for REST. Workers are connected in the background; /health says 503 until a
+prefill-capable and a decode-capable worker are ready. SIGTERM/SIGINT stop
+accepting, let in-flight requests finish (up to 30 s), and exit.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+import uvicorn
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.grpc_utils import SERVER_OPTIONS
+from tandem.v1 import tandem_pb2, tandem_pb2_grpc
+
+from .config import GatewayConfig
+from .core import Gateway
+from .grpc_api import TandemServicer
+from .rest import build_app
+
+log = logging.getLogger("tandem.gateway")
+
+
+class _Uvicorn(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):           # the gateway handles signals itself
+        yield
+
+
+async def serve(cfg: GatewayConfig) -> None:
+    gw = Gateway(cfg)
+    await gw.start()
+    grpc_server = None
+    health_servicer = health.aio.HealthServicer()
+    if cfg.grpc_port:
+        grpc_server = grpc.aio.server(options=SERVER_OPTIONS)
+        tandem_pb2_grpc.add_TandemServicer_to_server(TandemServicer(gw), grpc_server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+        names = (tandem_pb2.DESCRIPTOR.services_by_name["Tandem"].full_name, health.SERVICE_NAME,
+                 reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, grpc_server)
+        address = f"{cfg.host}:{cfg.grpc_port}"
+        if grpc_server.add_insecure_port(address) == 0:
+            raise OSError(f"cannot listen on {address}")
+        await grpc_server.start()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    http = _Uvicorn(uvicorn.Config(build_app(gw), host=cfg.host, port=cfg.port, loop="none", http="httptools",
+                                   lifespan="off", access_log=False, log_level="warning",
+                                   timeout_keep_alive=60, backlog=4096))
+    http_task = asyncio.create_task(http.serve())
+    log.warning("gateway: REST on http://%s:%d%s, policy %s, %d workers", cfg.host, cfg.port,
+                f", gRPC on {cfg.host}:{cfg.grpc_port}" if cfg.grpc_port else "", cfg.policy, len(cfg.worker))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), http_task],
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if http_task in done and http_task.exception():
+        raise http_task.exception()
+    log.warning("gateway: draining")
+    await health_servicer.enter_graceful_shutdown()
+    http.should_exit = True
+    if grpc_server is not None:
+        await grpc_server.stop(grace=30)
+    await asyncio.wait_for(http_task, timeout=35)
+    await gw.close()
