@@ -129,9 +129,13 @@ class KVPool:
         self.device = torch.device(device)
         self.allocator = PageAllocator(num_pages)
         shape = (num_pages * page_size, num_kv_heads, head_dim)
-        # Zeros, not empty: padding reads of page 0 must not bring NaNs into masked math.
-        self.k_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        # Empty, so a large pool costs nothing until pages are used (the OS maps memory
+        # lazily); page 0 is zeroed: padding reads land there and must not bring NaNs
+        # into masked math. Every other slot is written before it is read.
+        self.k_cache = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.v_cache = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        for t in (*self.k_cache, *self.v_cache):
+            t[:page_size].zero_()
 
     @staticmethod
     def pages_for_budget(budget_bytes: int, page_size: int, bytes_per_token: int) -> int:

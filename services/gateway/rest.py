@@ -8,6 +8,7 @@ an error after the stream started is sent as a last event before [DONE].
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import AsyncIterator
@@ -21,6 +22,7 @@ from .core import Gateway
 from .parse import Parsed, parse_chat, parse_completion, parse_generate
 from .types import ApiError, GenChunk
 
+log = logging.getLogger("tandem.gateway")
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DONE = b"data: [DONE]\n\n"
@@ -70,6 +72,10 @@ def build_app(gw: Gateway) -> FastAPI:
         except ApiError as e:
             metrics.REQUESTS.labels(route, str(e.status)).inc()
             return error_response(e)
+        except Exception as e:                # a bug: say so in OpenAI's shape, keep serving
+            log.exception("%s: unexpected error", route)
+            metrics.REQUESTS.labels(route, "500").inc()
+            return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
         metrics.REQUESTS.labels(route, "200").inc()
         if p.stream:
             return StreamingResponse(_guard(stream_fn(p, _chain(first, gen))), media_type="text/event-stream",

@@ -74,6 +74,6 @@ class Router:
         decode = next(w for w in decoders if w.address == c.worker)
         cached = overlap(prefill or decode)
         if hashes:
-            for w in {prefill, decode} - {None}:
-                self.index.insert_speculative(w.address, hashes)
+            for addr in {w.address for w in (prefill, decode) if w is not None}:
+                self.index.insert_speculative(addr, hashes)
         return Route(prefill, decode, n - cached, cached)
