@@ -7,6 +7,7 @@ an error after the stream started is sent as a last event before [DONE].
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -111,6 +112,16 @@ def build_app(gw: Gateway) -> FastAPI:
                    for a, w in gw.workers.items()}
         return JSONResponse({"status": "ok" if ready else "unavailable", "workers": workers},
                             status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "1"})
+
+    @app.get("/debug/index")
+    async def debug_index():
+        """Confirmed pages per worker in the global index, and a digest of each set."""
+        out = {}
+        for addr in gw.workers:
+            pages = gw.index.snapshot(addr)
+            digest = hashlib.blake2b(b"".join(h.to_bytes(8, "little") for h in sorted(pages)), digest_size=8)
+            out[addr] = {"pages": len(pages), "digest": digest.hexdigest()}
+        return out
 
     @app.get("/metrics")
     async def prom():
