@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import traceback
 from typing import Any, Callable
 
@@ -32,6 +33,8 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
         self.num_steps = 0
+        from . import metrics
+        self.step_seconds = metrics.STEP_SECONDS
 
     # -- event-loop side -------------------------------------------------------------------------
     def start(self) -> None:
@@ -90,7 +93,9 @@ class EngineLoop:
             outputs: list[StepOutput] = []
             if self.engine.has_unfinished():
                 try:
+                    t0 = time.perf_counter()
                     outputs = self.engine.step()
+                    self.step_seconds.observe(time.perf_counter() - t0)
                     self.num_steps += 1
                 except Exception:                      # a bug: fail what runs, keep serving
                     log.error("engine step failed:\n%s", traceback.format_exc())
