@@ -125,7 +125,7 @@ def test_kvpool_shapes():
                   dtype=torch.float16, device="cpu")
     assert len(pool.k_cache) == len(pool.v_cache) == 3
     for t in pool.k_cache + pool.v_cache:
-        assert t.shape == (20, 2, 8) and t.dtype == torch.float16 and not t.any()
+        assert t.shape == (20, 2, 8) and t.dtype == torch.float16 and not t[:4].any()   # page 0 zeroed
     assert pool.k_cache[0].data_ptr() != pool.v_cache[0].data_ptr()
     assert pool.allocator.num_pages == 5 and pool.num_slots == 20
 
@@ -145,6 +145,7 @@ def test_slots_and_store():
         slots_for([3, 1], 4, 0, 9)
     slots = torch.tensor(slots_for([3, 1], 4, 2, 5))
     k = torch.arange(6, dtype=torch.float32).view(3, 1, 2)
+    pool.k_cache[0].zero_()                            # the pool is allocated empty (page 0 aside)
     pool.store(0, slots, k, -k)
     assert torch.equal(pool.k_cache[0][slots], k) and torch.equal(pool.v_cache[0][slots], -k)
     assert pool.k_cache[0].sum() == k.sum()          # nothing else written
@@ -175,3 +176,19 @@ def test_slot_tensor_2d_gather():
     table = torch.tensor([[2, 5], [7, 1]])
     pos = torch.tensor([[0, 3], [2, 1]])
     assert slot_tensor(table, pos, 2).tolist() == [[4, 11], [2, 15]]
+
+
+def test_gather_scatter_round_trip():
+    src = KVPool(6, 4, 3, 2, 8, torch.bfloat16, "cpu")
+    dst = KVPool(9, 4, 3, 2, 8, torch.bfloat16, "cpu")
+    for t in (*src.k_cache, *src.v_cache):
+        t.normal_()
+    a, b = torch.tensor(slots_for([3, 1, 5], 4, 2, 11)), torch.tensor(slots_for([7, 2, 8], 4, 2, 11))
+    kv = src.gather(a)
+    assert kv.shape == (9, 3, 2, 2, 8)
+    dst.scatter(b, kv)
+    for layer in range(3):
+        assert torch.equal(dst.k_cache[layer][b], src.k_cache[layer][a])
+        assert torch.equal(dst.v_cache[layer][b], src.v_cache[layer][a])
+    with pytest.raises(ValueError, match="does not fit"):
+        dst.scatter(b, kv[:, :2])
