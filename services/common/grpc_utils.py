@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import logging
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -28,6 +29,8 @@ CHANNEL_OPTIONS = _COMMON + [
 
 def install_uvloop() -> bool:
     """Use uvloop for the asyncio loops of this process when it is installed."""
+    if os.environ.get("TANDEM_UVLOOP", "1") == "0":
+        return False
     try:
         import uvloop
     except ImportError:

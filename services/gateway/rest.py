@@ -7,6 +7,7 @@ an error after the stream started is sent as a last event before [DONE].
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ import uuid
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import metrics
@@ -25,7 +26,8 @@ from .types import ApiError, GenChunk
 
 log = logging.getLogger("tandem.gateway")
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_SSE_RAW_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                    (b"x-accel-buffering", b"no")]
 _DONE = b"data: [DONE]\n\n"
 
 
@@ -79,8 +81,7 @@ def build_app(gw: Gateway) -> FastAPI:
             return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
         metrics.REQUESTS.labels(route, "200").inc()
         if p.stream:
-            return StreamingResponse(_guard(stream_fn(p, _chain(first, gen))), media_type="text/event-stream",
-                                     headers=_SSE_HEADERS)
+            return SSEResponse(_guard(stream_fn(p, _chain(first, gen))))
         try:
             return JSONResponse(await full_fn(p, _chain(first, gen)))
         except ApiError as e:
@@ -128,6 +129,40 @@ def build_app(gw: Gateway) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+class SSEResponse(Response):
+    """Server-sent events straight onto the ASGI send channel.
+
+    Lighter than Starlette's StreamingResponse (no anyio task group per
+    response): one asyncio task watches for the client going away and cancels
+    the stream, which cancels the worker call and frees the request's pages.
+    """
+
+    def __init__(self, events: AsyncIterator[bytes]):       # noqa: super().__init__ would render a body
+        self.events = events
+        self.background = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_RAW_HEADERS})
+        task = asyncio.current_task()
+
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            task.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            async for chunk in self.events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not watcher.done():
+                raise
+        finally:
+            watcher.cancel()
+            await self.events.aclose()
 
 
 async def _chain(first: GenChunk, rest: AsyncIterator[GenChunk]) -> AsyncIterator[GenChunk]:
@@ -252,18 +287,25 @@ def _meta(p: Parsed, rid: str, n: int, c: GenChunk, t0: float) -> dict:
 
 
 async def _generate_stream(p: Parsed, chunks: AsyncIterator[GenChunk]) -> AsyncIterator[bytes]:
+    """One event per token with the cumulative text and ids, as SGLang streams; the
+    events of one worker message go out in one write."""
     rid, t0 = p.req.request_id or uuid.uuid4().hex, time.perf_counter()
     text, ids = "", []
+    mid = ('],"meta_info":{"id":%s,"prompt_tokens":%d,"completion_tokens":' % (
+        _dumps(rid), len(p.req.prompt_ids)))
     async for c in chunks:
         text += c.text
-        for i, tid in enumerate(c.token_ids):         # one event per token, cumulative, as SGLang streams
+        events = []
+        for i, tid in enumerate(c.token_ids):
             ids.append(tid)
-            last = i == len(c.token_ids) - 1
-            meta = _meta(p, rid, len(ids), c if last else GenChunk([], ""), t0)
-            yield b"data: " + _dumps({"text": text, "output_ids": ids, "meta_info": meta}).encode() + b"\n\n"
-        if not c.token_ids and c.finish_reason:
-            yield b"data: " + _dumps({"text": text, "output_ids": ids,
-                                      "meta_info": _meta(p, rid, len(ids), c, t0)}).encode() + b"\n\n"
+            head = '{"text":' + _dumps(text if i == len(c.token_ids) - 1 else text[:len(text) - len(c.text)])
+            if i < len(c.token_ids) - 1 or not c.finish_reason:
+                events.append('data: %s,"output_ids":[%s%s%d,"cached_tokens":0,"finish_reason":null}}\n\n'
+                              % (head, ",".join(map(str, ids)), mid, len(ids)))
+        if c.finish_reason:
+            events.append("data: " + _dumps({"text": text, "output_ids": ids,
+                                             "meta_info": _meta(p, rid, len(ids), c, t0)}) + "\n\n")
+        yield "".join(events).encode()
     yield _DONE
 
 
