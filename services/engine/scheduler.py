@@ -103,15 +103,34 @@ class Scheduler:
                     return chunks
                 chunks.append(c)
                 budget -= c.n
+        prefilling = [r for r in self.running if not r.is_decoding]
         for r in self._admission_order():
             if budget <= 0 or len(self.running) >= self.cfg.max_running_requests:
                 break
+            if prefilling and self._shares_pending_prefix(r, prefilling):
+                continue
             c = self._admit(r, budget)
             if c is None:
                 break
             chunks.append(c)
             budget -= c.n
+            if not r.is_decoding:
+                prefilling.append(r)
         return chunks
+
+    def _shares_pending_prefix(self, r: Request, prefilling: list[Request]) -> bool:
+        """Wait a step when most of r's uncached prompt is a prefix still being
+        prefilled by another request: once that is cached, r reuses it instead of
+        computing it a second time (a burst of prompts with one long system prompt)."""
+        if self.kv.cache is None:
+            return False
+        ids = r.all_ids
+        cached = self.kv.prefix_len(ids)
+        for other in prefilling:
+            lcp = _common_prefix_len(ids, other.all_ids)
+            if lcp >= 2 * self.kv.ps and lcp - cached > (len(ids) - cached) // 2:
+                return True
+        return False
 
     def _chunk(self, r: Request, budget: int) -> Chunk | None:
         n = min(r.num_pending, budget)
@@ -164,3 +183,17 @@ class Scheduler:
         r.num_retractions += 1
         self.num_retractions += 1
         self.waiting.appendleft(r)
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n            # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
