@@ -44,3 +44,25 @@ def run(main_coro_fn) -> None:
     """asyncio.run with uvloop when available."""
     install_uvloop()
     asyncio.run(main_coro_fn())
+
+
+async def start_server(address: str, service, add_fn, servicer):
+    """A grpc.aio server with one service, grpc.health.v1 (SERVING) and reflection.
+
+    `service` is the proto service descriptor, `add_fn` its generated
+    add_XServicer_to_server. Returns (server, health servicer)."""
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    add_fn(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((service.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    for name in ("", service.full_name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, health_servicer

@@ -16,7 +16,9 @@ import grpc
 
 from services.transfer import TransferError
 from services.worker import metrics
-from services.worker.convert import logprob_from_proto, logprobs_to_proto, sampling_from_proto, sampling_to_proto
+from services.common.sampling_proto import from_proto as sampling_from_proto
+from services.common.sampling_proto import to_proto as sampling_to_proto
+from services.worker.convert import logprob_from_proto, logprobs_to_proto
 from services.worker.errors import abort_for
 from services.worker.state import WorkerState
 from tandem.v1 import common_pb2, worker_pb2

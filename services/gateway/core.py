@@ -19,7 +19,8 @@ from typing import AsyncIterator
 import grpc
 
 from services.common.tokenizer import IncrementalDetokenizer, Tokenizer
-from tandem.v1 import common_pb2, worker_pb2
+from services.common.sampling_proto import to_proto as sampling_to_proto
+from tandem.v1 import worker_pb2
 
 from . import metrics
 from .config import GatewayConfig
@@ -31,8 +32,6 @@ from .workers import Worker
 
 log = logging.getLogger("tandem.gateway")
 
-_OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
-             "presence_penalty", "seed")
 
 
 @dataclass
@@ -145,7 +144,7 @@ class Gateway:
             route.charge()
             call = self.workers[route.decode.address].stub.Decode(worker_pb2.DecodeRequest(
                 request_id=f"{rid}-{failures}" if failures else rid, prompt_ids=prompt,
-                sampling=_sampling_proto(params),
+                sampling=sampling_to_proto(params),
                 prefill_address=route.prefill.address if route.prefill else ""))
             done = False
             try:
@@ -201,14 +200,3 @@ class Gateway:
 
 class _StreamEnded(Exception):
     pass
-
-
-def _sampling_proto(p) -> common_pb2.SamplingParams:
-    msg = common_pb2.SamplingParams(max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens,
-                                    stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos,
-                                    logprobs=p.logprobs, top_logprobs=p.top_logprobs)
-    for name in _OPTIONAL:
-        v = getattr(p, name)
-        if v is not None:
-            setattr(msg, name, v)
-    return msg

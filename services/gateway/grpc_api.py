@@ -9,6 +9,7 @@ from __future__ import annotations
 import grpc
 
 from services.common.sampling_params import SamplingParams, SamplingParamsError
+from services.common.sampling_proto import from_proto as sampling_from_proto
 from tandem.v1 import common_pb2, tandem_pb2, tandem_pb2_grpc
 
 from .core import Gateway, ModelEntry
@@ -17,8 +18,6 @@ from .types import ApiError, GenRequest
 _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
           404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
           503: grpc.StatusCode.UNAVAILABLE}
-_OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
-             "presence_penalty", "seed")
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
@@ -43,15 +42,8 @@ def _prompt_ids(entry: ModelEntry, which: str, msg) -> tuple[list[int], str]:
 
 
 def _params(sp: common_pb2.SamplingParams, default_max: int) -> SamplingParams:
-    kw = {n: getattr(sp, n) for n in _OPTIONAL if sp.HasField(n)}
-    for n in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
-        if n in kw:
-            kw[n] = round(kw[n], 6)
     try:
-        return SamplingParams(max_new_tokens=sp.max_new_tokens if sp.HasField("max_new_tokens") else default_max,
-                              min_new_tokens=sp.min_new_tokens, stop_token_ids=tuple(sp.stop_token_ids),
-                              ignore_eos=sp.ignore_eos, logprobs=sp.logprobs, top_logprobs=sp.top_logprobs,
-                              **kw).validate()
+        return sampling_from_proto(sp, default_max)
     except SamplingParamsError as e:
         raise ApiError(400, f"sampling.{e.field}: {e}", f"sampling.{e.field}") from None
 

@@ -12,12 +12,9 @@ import contextlib
 import logging
 import signal
 
-import grpc
 import uvicorn
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from services.common.grpc_utils import SERVER_OPTIONS
+from services.common.grpc_utils import start_server
 from tandem.v1 import tandem_pb2, tandem_pb2_grpc
 
 from .config import GatewayConfig
@@ -37,20 +34,11 @@ class _Uvicorn(uvicorn.Server):
 async def serve(cfg: GatewayConfig) -> None:
     gw = Gateway(cfg)
     await gw.start()
-    grpc_server = None
-    health_servicer = health.aio.HealthServicer()
+    grpc_server = health_servicer = None
     if cfg.grpc_port:
-        grpc_server = grpc.aio.server(options=SERVER_OPTIONS)
-        tandem_pb2_grpc.add_TandemServicer_to_server(TandemServicer(gw), grpc_server)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-        names = (tandem_pb2.DESCRIPTOR.services_by_name["Tandem"].full_name, health.SERVICE_NAME,
-                 reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, grpc_server)
-        address = f"{cfg.host}:{cfg.grpc_port}"
-        if grpc_server.add_insecure_port(address) == 0:
-            raise OSError(f"cannot listen on {address}")
-        await grpc_server.start()
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        grpc_server, health_servicer = await start_server(
+            f"{cfg.host}:{cfg.grpc_port}", tandem_pb2.DESCRIPTOR.services_by_name["Tandem"],
+            tandem_pb2_grpc.add_TandemServicer_to_server, TandemServicer(gw))
     http = _Uvicorn(uvicorn.Config(build_app(gw), host=cfg.host, port=cfg.port, loop="none", http="httptools",
                                    lifespan="off", access_log=False, log_level="warning",
                                    timeout_keep_alive=60, backlog=4096))
@@ -67,9 +55,9 @@ async def serve(cfg: GatewayConfig) -> None:
     if http_task in done and http_task.exception():
         raise http_task.exception()
     log.warning("gateway: draining")
-    await health_servicer.enter_graceful_shutdown()
     http.should_exit = True
     if grpc_server is not None:
+        await health_servicer.enter_graceful_shutdown()
         await grpc_server.stop(grace=30)
     await asyncio.wait_for(http_task, timeout=35)
     await gw.close()

@@ -14,7 +14,8 @@ import grpc
 
 from services.transfer import TransferError, get_backend
 from services.worker import metrics
-from services.worker.convert import logprobs_to_proto, sampling_from_proto
+from services.common.sampling_proto import from_proto as sampling_from_proto
+from services.worker.convert import logprobs_to_proto
 from services.worker.errors import abort_for
 from services.worker.state import WorkerState
 from tandem.v1 import worker_pb2

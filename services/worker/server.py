@@ -13,11 +13,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
-from services.common.grpc_utils import SERVER_OPTIONS
+from services.common.grpc_utils import start_server
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("tandem.worker")
@@ -76,24 +72,14 @@ async def serve(wcfg: WorkerConfig, ecfg) -> None:
                         prefill_timeout_s=wcfg.prefill_timeout_s)
     loop.start()
 
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    worker_pb2_grpc.add_WorkerServicer_to_server(
-        WorkerServicer(state, wcfg.served_model_name or ecfg.model), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name, health.SERVICE_NAME,
-             reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
     address = f"{wcfg.host}:{wcfg.port}"
-    if server.add_insecure_port(address) == 0:
-        raise OSError(f"cannot listen on {address}")
-    await server.start()
+    server, health_servicer = await start_server(
+        address, worker_pb2.DESCRIPTOR.services_by_name["Worker"], worker_pb2_grpc.add_WorkerServicer_to_server,
+        WorkerServicer(state, wcfg.served_model_name or ecfg.model))
     if wcfg.metrics_port:
         from prometheus_client import start_http_server
         metrics.bind_engine(engine.load)
         start_http_server(wcfg.metrics_port, addr=wcfg.host)
-    for name in ("", names[0]):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.warning("worker %s (role %s, model %s) serving on %s%s after %.1f s", state.worker_id, wcfg.role,
                 ecfg.model, address, f", metrics on :{wcfg.metrics_port}" if wcfg.metrics_port else "",
                 time.perf_counter() - t0)
