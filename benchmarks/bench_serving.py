@@ -307,14 +307,19 @@ class HttpClient:
             timer.done()
             res.error = "%s: %s" % (type(e).__name__, e)
             return res
-        res.output_len = usage_tokens if usage_tokens is not None else timer.tokens
-        res.ok = timer.tokens > 0
-        if not res.ok:
-            res.error = "no tokens streamed"
-        return res
+        return _finish(res, timer, usage_tokens)
 
     async def close(self):
         await self.session.close()
+
+
+def _finish(res, timer, usage_tokens):
+    """Output length from the server's usage when it sent one, else the streamed count."""
+    res.output_len = usage_tokens if usage_tokens is not None else timer.tokens
+    res.ok = timer.tokens > 0
+    if not res.ok:
+        res.error = "no tokens streamed"
+    return res
 
 
 class GrpcClient:
@@ -361,11 +366,7 @@ class GrpcClient:
             timer.done()
             res.error = "%s: %s" % (type(e).__name__, e)
             return res
-        res.output_len = usage_tokens if usage_tokens is not None else timer.tokens
-        res.ok = timer.tokens > 0
-        if not res.ok:
-            res.error = "no tokens streamed"
-        return res
+        return _finish(res, timer, usage_tokens)
 
     async def close(self):
         await self.channel.close()

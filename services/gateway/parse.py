@@ -50,7 +50,7 @@ def _get(body: dict, name: str, kind, default=_MISSING, param: str | None = None
                 return int(v)
             raise _bad(param, f"must be an integer, got {v!r}")
         return v
-    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+    if not isinstance(v, kind):
         raise _bad(param, f"must be {kind.__name__ if kind is not str else 'a string'}, got {type(v).__name__}")
     return v
 
@@ -87,7 +87,7 @@ def _params(kw: dict, names: dict, prefix: str = "") -> SamplingParams:
         raise ApiError(400, f"{field}: {str(e).replace(e.field, names.get(e.field, e.field))}", field) from None
 
 
-def _openai_sampling(body: dict, max_tokens: int, entry: ModelEntry) -> dict:
+def _openai_sampling(body: dict, max_tokens: int) -> dict:
     kw = dict(
         max_new_tokens=max_tokens,
         temperature=_get(body, "temperature", float, 1.0),
@@ -110,7 +110,7 @@ def _openai_sampling(body: dict, max_tokens: int, entry: ModelEntry) -> dict:
     return kw
 
 
-def _max_tokens(body: dict, default: int, entry: ModelEntry) -> int:
+def _max_tokens(body: dict, default: int) -> int:
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     v = _get(body, name, int, default)
     if v < 1:
@@ -159,8 +159,8 @@ def parse_chat(gw: Gateway, body: dict) -> Parsed:
         ids = entry.tokenizer.apply_chat_template(msgs)
     except Exception as e:                           # template errors name no field of ours
         raise _bad("messages", f"the chat template failed: {e}") from None
-    max_tokens = _max_tokens(body, max(1, entry.context_length - len(ids)), entry)
-    kw = _openai_sampling(body, max_tokens, entry)
+    max_tokens = _max_tokens(body, max(1, entry.context_length - len(ids)))
+    kw = _openai_sampling(body, max_tokens)
     lp = _get(body, "logprobs", bool, False)
     top = _get(body, "top_logprobs", int, 0)
     if top and not lp:
@@ -196,8 +196,8 @@ def parse_completion(gw: Gateway, body: dict) -> Parsed:
         raise _bad("echo", "is not supported")
     if body.get("suffix"):
         raise _bad("suffix", "is not supported")
-    max_tokens = _max_tokens(body, 16, entry)
-    kw = _openai_sampling(body, max_tokens, entry)
+    max_tokens = _max_tokens(body, 16)
+    kw = _openai_sampling(body, max_tokens)
     lp = _get(body, "logprobs", int, None)
     if lp is not None and not 0 <= lp <= 5:
         raise _bad("logprobs", "must be in [0, 5]")

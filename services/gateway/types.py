@@ -35,10 +35,6 @@ class ApiError(Exception):
         return "server_error" if self.status >= 500 else "invalid_request_error"
 
 
-def bad_request(param: str, message: str) -> ApiError:
-    return ApiError(400, f"{param}: {message}" if not message.startswith(param) else message, param)
-
-
 @dataclass
 class GenRequest:
     model: str

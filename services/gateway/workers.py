@@ -95,7 +95,8 @@ class Worker:
     async def _subscribe(self) -> None:
         info = await self.stub.Info(worker_pb2.InfoRequest(), timeout=5)
         if not info.ready:
-            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "draining")
+            log.info("worker %s is draining; not routing to it", self.address)
+            return
         if self.info is None or self.info.worker_id != info.worker_id:
             pending = self._on_info(self, info)
             if pending is not None:

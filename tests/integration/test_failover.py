@@ -29,9 +29,8 @@ def pair(tmp_path):
     procs = [w1, w2, gw]
     try:
         cluster.wait_healthy(port, procs)
-        while cluster.http("GET", f"http://127.0.0.1:{port}/health")[1]["workers"].__len__() < 2 or not all(
-                w["healthy"] for w in cluster.http("GET", f"http://127.0.0.1:{port}/health")[1]["workers"].values()):
-            time.sleep(0.1)
+        while not all(w["healthy"] for w in cluster.http("GET", f"http://127.0.0.1:{port}/health")[1]["workers"].values()):
+            time.sleep(0.1)                            # both workers, not just the first one up
         yield {"base": f"http://127.0.0.1:{port}", "workers": {m1: w1, m2: w2}}
     finally:
         for p in procs[::-1]:
