@@ -11,6 +11,12 @@ costs (latency, CPU per token) can be measured on its own:
   Decode    sampling.max_new_tokens (default 16) canned token ids, one per
             DecodeResponse, no sleeps; the last message carries finish_reason
             "length" and the usage. prefill_address is ignored.
+  DecodeStream  (what the gateway uses) a fake engine loop per stream: each
+            "step" gives every running request its next canned id, then
+            yields to the event loop (--step-ms 0, the default: no sleeps) or
+            sleeps --step-ms; one writer sends all that is pending as one
+            DecodeStreamBatch, so a batch holds one token per request per step
+            the transport took, as with a real worker.
   Prefill   one PrefillResponse(result=PrefillResult(token_id, 0, 0)).
   KvEvents  one empty snapshot batch (seq 0), then the stream stays open,
             silent, until the caller cancels it.
@@ -79,7 +85,9 @@ def canned_ids(tok: Tokenizer) -> list[int]:
 
 
 class FakeWorker:
-    def __init__(self, role: str, model: str, tok_path: str, tok_json: str, cfg_json: str):
+    def __init__(self, role: str, model: str, tok_path: str, tok_json: str, cfg_json: str,
+                 step_ms: float = 0.0):
+        self.step_s = step_ms / 1000
         tok = Tokenizer.from_str(tok_json)
         self.worker_id = uuid.uuid4().hex[:16]
         self.ids = canned_ids(tok)
@@ -127,6 +135,57 @@ class FakeWorker:
         finally:
             self.running -= 1
 
+    async def DecodeStream(self, request_iterator, context):
+        running: dict[str, list[int]] = {}           # rid -> [tokens left, tokens made, prompt length]
+        pending: dict[str, worker_pb2.DecodeUpdate] = {}
+        work, flush = asyncio.Event(), asyncio.Event()
+        ids, k = self.ids, len(self.ids)
+
+        async def read():
+            async for msg in request_iterator:
+                for r in msg.start:
+                    sp = r.sampling
+                    n = sp.max_new_tokens if sp.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS
+                    running[r.request_id] = [n, 0, len(r.prompt_ids)]
+                for rid in msg.cancel:
+                    running.pop(rid, None)
+                    pending.pop(rid, None)
+                work.set()
+
+        async def engine():
+            while True:
+                if not running:
+                    work.clear()
+                    await work.wait()
+                for rid, st in list(running.items()):
+                    u = pending.get(rid)
+                    if u is None:
+                        u = pending[rid] = worker_pb2.DecodeUpdate(request_id=rid)
+                    u.token_ids.append(ids[st[1] % k])
+                    st[0] -= 1
+                    st[1] += 1
+                    if st[0] <= 0:
+                        u.finish_reason = "length"
+                        u.usage.prompt_tokens, u.usage.completion_tokens = st[2], st[1]
+                        del running[rid]
+                flush.set()
+                await asyncio.sleep(self.step_s)
+
+        tasks = [asyncio.create_task(read()), asyncio.create_task(engine())]
+        self.running += 1
+        try:
+            while True:
+                await flush.wait()
+                flush.clear()
+                if pending:
+                    batch = worker_pb2.DecodeStreamBatch(updates=pending.values())
+                    pending.clear()
+                    await context.write(batch)
+        finally:
+            self.running -= 1
+            for t in tasks:
+                t.cancel()
+
     async def Prefill(self, request, context):
         yield self.prefill_msg
 
@@ -152,6 +211,9 @@ def add_worker(server, w: FakeWorker) -> None:
         "Decode": grpc.unary_stream_rpc_method_handler(
             w.Decode, request_deserializer=W.DecodeRequest.FromString,
             response_serializer=None),
+        "DecodeStream": grpc.stream_stream_rpc_method_handler(
+            w.DecodeStream, request_deserializer=W.DecodeStreamRequest.FromString,
+            response_serializer=W.DecodeStreamBatch.SerializeToString),
         "Prefill": grpc.unary_stream_rpc_method_handler(
             w.Prefill, request_deserializer=W.PrefillRequest.FromString,
             response_serializer=W.PrefillResponse.SerializeToString),
@@ -175,7 +237,7 @@ def add_worker(server, w: FakeWorker) -> None:
 
 async def serve(a) -> None:
     tok_path, tok_json, cfg_json = tokenizer_files(a.tokenizer)
-    w = FakeWorker(a.role, a.model_name, tok_path, tok_json, cfg_json)
+    w = FakeWorker(a.role, a.model_name, tok_path, tok_json, cfg_json, a.step_ms)
     server = grpc.aio.server(options=[
         ("grpc.so_reuseport", 0),              # a busy port is an error, not a shared one
         ("grpc.max_send_message_length", -1),
@@ -210,6 +272,8 @@ def main() -> None:
                     help="a folder with tokenizer.json (and tokenizer_config.json), "
                          "or a tokenizer.json (default: %(default)s)")
     ap.add_argument("--model-name", default="fake-model")
+    ap.add_argument("--step-ms", type=float, default=0.0,
+                    help="DecodeStream: time per fake engine step (0: none, yield only)")
     a = ap.parse_args()
     try:
         import uvloop

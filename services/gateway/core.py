@@ -24,6 +24,7 @@ from tandem.v1 import worker_pb2
 
 from . import metrics
 from .config import GatewayConfig
+from .decode_mux import WorkerCallError, update_error
 from .index import GlobalIndex
 from .router import Router
 from .stop_strings import StopStrings
@@ -142,43 +143,45 @@ class Gateway:
             route = self.router.route([w.state for w in self.workers.values()], entry.name, prompt,
                                       frozenset(tried))
             route.charge()
-            call = self.workers[route.decode.address].stub.Decode(worker_pb2.DecodeRequest(
+            mux = self.workers[route.decode.address].decoder
+            wire_rid, q = mux.open(worker_pb2.DecodeRequest(
                 request_id=f"{rid}-{failures}" if failures else rid, prompt_ids=prompt,
                 sampling=sampling_to_proto(params),
                 prefill_address=route.prefill.address if route.prefill else ""))
             done = False
             try:
-                async for msg in call:
+                while True:
+                    ups = [await q.get()]
+                    while not q.empty():             # all that came since: one chunk, one write
+                        ups.append(q.get_nowait())
                     if first:
                         metrics.TTFT.observe(time.perf_counter() - t0)
                         first = False
                     route.prefill_done()
-                    ids = list(msg.token_ids)
+                    last = ups[-1]
+                    if isinstance(last, WorkerCallError):
+                        ups.pop()
+                    ids = [t for u in ups for t in u.token_ids]
+                    if isinstance(last, WorkerCallError) or last.error_code:
+                        out_ids += ids                # what did arrive still counts on a retry
+                        if ids:
+                            yield self._chunk(ids, ups, detok, stops, None)[0]
+                        raise last if isinstance(last, WorkerCallError) else update_error(last)
                     out_ids += ids
-                    reason = msg.finish_reason or None
-                    text = detok.add(ids)
-                    if reason:
-                        text += detok.flush()
-                    if stops is not None:
-                        text, hit = stops.feed(text, final=reason is not None)
-                        if hit:
-                            reason = "stop"
-                    chunk = GenChunk(ids, text, [(lp.logprob, [(t.token_id, t.logprob) for t in lp.top])
-                                                 for lp in msg.logprobs], reason)
+                    reason = last.finish_reason or None
+                    chunk, reason = self._chunk(ids, ups, detok, stops, reason)
                     if reason:
                         chunk.prompt_tokens = len(req.prompt_ids)
                         chunk.completion_tokens = len(out_ids)
-                        chunk.cached_tokens = msg.usage.cached_tokens
+                        chunk.cached_tokens = last.usage.cached_tokens
                         done = True
                         metrics.GENERATED.inc(len(out_ids))
                         metrics.E2E.observe(time.perf_counter() - t0)
                     yield chunk
                     if done:
                         return
-                raise _StreamEnded()
-            except (grpc.aio.AioRpcError, _StreamEnded) as e:
-                code = e.code() if isinstance(e, grpc.aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
-                details = e.details() if isinstance(e, grpc.aio.AioRpcError) else "stream ended early"
+            except WorkerCallError as e:
+                code, details = e.code(), e.details()
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
                     raise ApiError(400, details, details.split(":", 1)[0]) from None
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -195,8 +198,17 @@ class Gateway:
             finally:
                 route.finish()
                 if not done:
-                    call.cancel()
+                    mux.cancel(wire_rid)
 
-
-class _StreamEnded(Exception):
-    pass
+    @staticmethod
+    def _chunk(ids, ups, detok, stops, reason):
+        """The GenChunk of these new ids (text through the detokenizer and stop strings)."""
+        text = detok.add(ids)
+        if reason:
+            text += detok.flush()
+        if stops is not None:
+            text, hit = stops.feed(text, final=reason is not None)
+            if hit:
+                reason = "stop"
+        lps = [(lp.logprob, [(t.token_id, t.logprob) for t in lp.top]) for u in ups for lp in u.logprobs]
+        return GenChunk(ids, text, lps, reason), reason

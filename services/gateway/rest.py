@@ -1,7 +1,8 @@
 """The REST bridge: OpenAI-compatible routes, SGLang's /generate, /health, /metrics.
 
-Streaming answers are Server-Sent Events, one event per message the worker
-sends (one token each at low load). Errors use OpenAI's body
+The generation routes are plain ASGI (GenerationApp), everything else is
+FastAPI. Streaming answers are Server-Sent Events, written once per batch of
+tokens the worker sends (one token each at low load). Errors use OpenAI's body
 {"error": {"message", "type", "param", "code"}} with the matching HTTP status;
 an error after the stream started is sent as a last event before [DONE].
 """
@@ -15,7 +16,7 @@ import time
 import uuid
 from typing import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -29,12 +30,7 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _SSE_RAW_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                     (b"x-accel-buffering", b"no")]
 _DONE = b"data: [DONE]\n\n"
-
-
-def error_response(e: ApiError) -> JSONResponse:
-    headers = {"Retry-After": str(max(1, round(e.retry_after)))} if e.retry_after else None
-    return JSONResponse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}},
-                        status_code=e.status, headers=headers)
+MAX_BODY_BYTES = 32 << 20
 
 
 def _error_event(e: ApiError) -> bytes:
@@ -48,56 +44,123 @@ def _usage(c: GenChunk) -> dict:
             "prompt_tokens_details": {"cached_tokens": c.cached_tokens}}
 
 
-def build_app(gw: Gateway) -> FastAPI:
-    app = FastAPI(title="Tandem", docs_url=None, redoc_url=None, openapi_url=None)
-    keys = set(gw.cfg.api_key)
+class GenerationApp:
+    """The ASGI app: the three generation routes are served here directly, the
+    rest by FastAPI. Generation is the hot path (every token of every stream
+    goes through it), and FastAPI's middleware stack wraps each send of a
+    stream in half a dozen layers; this path sends straight to uvicorn."""
 
-    async def body_of(request: Request) -> dict:
-        if keys:
-            auth = request.headers.get("authorization", "")
-            if not auth.startswith("Bearer ") or auth[7:] not in keys:
-                raise ApiError(401, "a valid API key is required (Authorization: Bearer KEY)", code="invalid_api_key")
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except ValueError as e:
-            raise ApiError(400, f"body: not valid JSON ({e})", "body") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "body: must be a JSON object", "body")
-        return body
+    def __init__(self, gw: Gateway, fallback: FastAPI):
+        self.gw = gw
+        self.fallback = fallback
+        self.keys = set(gw.cfg.api_key)
+        self.routes = {"/v1/chat/completions": ("chat", parse_chat, _chat_stream, _chat_full),
+                       "/v1/completions": ("completions", parse_completion, _completion_stream, _completion_full),
+                       "/generate": ("generate", parse_generate, _generate_stream, _generate_full)}
 
-    async def run(route: str, request: Request, parse, stream_fn, full_fn):
+    async def __call__(self, scope, receive, send) -> None:
+        route = self.routes.get(scope.get("path")) if scope["type"] == "http" else None
+        if route is None:
+            return await self.fallback(scope, receive, send)
+        if scope["method"] != "POST":
+            return await _send_json(send, 405, {"detail": "Method Not Allowed"}, [(b"allow", b"POST")])
+        await self.run(route, scope, receive, send)
+
+    def _check_key(self, scope) -> None:
+        if not self.keys:
+            return
+        auth = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
+        if not auth.startswith("Bearer ") or auth[7:] not in self.keys:
+            raise ApiError(401, "a valid API key is required (Authorization: Bearer KEY)", code="invalid_api_key")
+
+    async def run(self, route, scope, receive, send) -> None:
+        name, parse, stream_fn, full_fn = route
         try:
-            body = await body_of(request)
-            p = parse(gw, body)
-            gen = gw.generate(p.req)
+            self._check_key(scope)
+            body = await _read_json(receive)
+            p = parse(self.gw, body)
+            gen = self.gw.generate(p.req)
             first = await anext(gen)          # routing and worker errors surface as a status, not a stream
         except ApiError as e:
-            metrics.REQUESTS.labels(route, str(e.status)).inc()
-            return error_response(e)
+            metrics.REQUESTS.labels(name, str(e.status)).inc()
+            return await _send_error(send, e)
         except Exception as e:                # a bug: say so in OpenAI's shape, keep serving
-            log.exception("%s: unexpected error", route)
-            metrics.REQUESTS.labels(route, "500").inc()
-            return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
-        metrics.REQUESTS.labels(route, "200").inc()
+            log.exception("%s: unexpected error", name)
+            metrics.REQUESTS.labels(name, "500").inc()
+            return await _send_error(send, ApiError(500, f"internal error: {type(e).__name__}: {e}"))
+        metrics.REQUESTS.labels(name, "200").inc()
         if p.stream:
-            return SSEResponse(_guard(stream_fn(p, _chain(first, gen))))
+            return await _send_sse(_guard(stream_fn(p, _chain(first, gen))), receive, send)
         try:
-            return JSONResponse(await full_fn(p, _chain(first, gen)))
+            out = await full_fn(p, _chain(first, gen))
         except ApiError as e:
-            return error_response(e)
+            return await _send_error(send, e)
+        await _send_json(send, 200, out)
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        return await run("chat", request, parse_chat, _chat_stream, _chat_full)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await run("completions", request, parse_completion, _completion_stream, _completion_full)
+async def _read_json(receive) -> dict:
+    chunks, size = [], 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise ApiError(400, "body: the client went away before sending it", "body")
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"body: larger than {MAX_BODY_BYTES >> 20} MiB", "body")
+        chunks.append(chunk)
+        if not msg.get("more_body"):
+            break
+    try:
+        body = json.loads(b"".join(chunks))
+    except ValueError as e:
+        raise ApiError(400, f"body: not valid JSON ({e})", "body") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "body: must be a JSON object", "body")
+    return body
 
-    @app.post("/generate")
-    async def generate(request: Request):
-        return await run("generate", request, parse_generate, _generate_stream, _generate_full)
+
+async def _send_json(send, status: int, obj, headers: list | None = None) -> None:
+    body = _dumps(obj).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_error(send, e: ApiError) -> None:
+    headers = [(b"retry-after", str(max(1, round(e.retry_after))).encode())] if e.retry_after else None
+    await _send_json(send, e.status, {"error": {"message": e.message, "type": e.type, "param": e.param,
+                                                "code": e.code}}, headers)
+
+
+async def _send_sse(events: AsyncIterator[bytes], receive, send) -> None:
+    """Server-sent events straight onto the ASGI send channel. One task watches
+    for the client going away and cancels the stream, which cancels the worker
+    call and frees the request's pages."""
+    await send({"type": "http.response.start", "status": 200, "headers": _SSE_RAW_HEADERS})
+    task = asyncio.current_task()
+
+    async def watch():
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async for chunk in events:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except asyncio.CancelledError:
+        if not watcher.done():
+            raise
+    finally:
+        watcher.cancel()
+        await events.aclose()
+
+
+def build_app(gw: Gateway) -> GenerationApp:
+    app = FastAPI(title="Tandem", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/v1/models")
     async def models():
@@ -128,41 +191,7 @@ def build_app(gw: Gateway) -> FastAPI:
     async def prom():
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    return app
-
-
-class SSEResponse(Response):
-    """Server-sent events straight onto the ASGI send channel.
-
-    Lighter than Starlette's StreamingResponse (no anyio task group per
-    response): one asyncio task watches for the client going away and cancels
-    the stream, which cancels the worker call and frees the request's pages.
-    """
-
-    def __init__(self, events: AsyncIterator[bytes]):       # noqa: super().__init__ would render a body
-        self.events = events
-        self.background = None
-
-    async def __call__(self, scope, receive, send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": _SSE_RAW_HEADERS})
-        task = asyncio.current_task()
-
-        async def watch():
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            task.cancel()
-
-        watcher = asyncio.create_task(watch())
-        try:
-            async for chunk in self.events:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if not watcher.done():
-                raise
-        finally:
-            watcher.cancel()
-            await self.events.aclose()
+    return GenerationApp(gw, app)
 
 
 async def _chain(first: GenChunk, rest: AsyncIterator[GenChunk]) -> AsyncIterator[GenChunk]:
@@ -290,18 +319,20 @@ async def _generate_stream(p: Parsed, chunks: AsyncIterator[GenChunk]) -> AsyncI
     """One event per token with the cumulative text and ids, as SGLang streams; the
     events of one worker message go out in one write."""
     rid, t0 = p.req.request_id or uuid.uuid4().hex, time.perf_counter()
-    text, ids = "", []
+    text, ids, csv = "", [], ""              # csv: the ids so far, as the JSON list's inside
     mid = ('],"meta_info":{"id":%s,"prompt_tokens":%d,"completion_tokens":' % (
         _dumps(rid), len(p.req.prompt_ids)))
     async for c in chunks:
         text += c.text
         events = []
+        last = len(c.token_ids) - 1
         for i, tid in enumerate(c.token_ids):
             ids.append(tid)
-            head = '{"text":' + _dumps(text if i == len(c.token_ids) - 1 else text[:len(text) - len(c.text)])
-            if i < len(c.token_ids) - 1 or not c.finish_reason:
-                events.append('data: %s,"output_ids":[%s%s%d,"cached_tokens":0,"finish_reason":null}}\n\n'
-                              % (head, ",".join(map(str, ids)), mid, len(ids)))
+            csv = f"{csv},{tid}" if csv else str(tid)
+            if i < last or not c.finish_reason:
+                head = _dumps(text if i == last else text[:len(text) - len(c.text)])
+                events.append('data: {"text":%s,"output_ids":[%s%s%d,"cached_tokens":0,"finish_reason":null}}\n\n'
+                              % (head, csv, mid, len(ids)))
         if c.finish_reason:
             events.append("data: " + _dumps({"text": text, "output_ids": ids,
                                              "meta_info": _meta(p, rid, len(ids), c, t0)}) + "\n\n")

@@ -18,6 +18,7 @@ import grpc
 from services.common.grpc_utils import CHANNEL_OPTIONS
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
+from .decode_mux import DecodeMux
 from .index import GlobalIndex
 
 log = logging.getLogger("tandem.gateway")
@@ -53,6 +54,7 @@ class Worker:
         self.index = index
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
+        self.decoder = DecodeMux(self.stub, address)    # every request decoded here, one stream
         self.info: worker_pb2.InfoResponse | None = None
         self._on_info = on_info
         self._retry_s = retry_s
@@ -69,6 +71,7 @@ class Worker:
     async def close(self) -> None:
         if self._task:
             self._task.cancel()
+        await self.decoder.close()
         self._down()
         await self.channel.close()
 

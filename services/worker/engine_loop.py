@@ -27,7 +27,7 @@ class EngineLoop:
     def __init__(self, engine: Engine, aio: asyncio.AbstractEventLoop):
         self.engine = engine
         self.aio = aio
-        self.sinks: dict[str, asyncio.Queue] = {}            # rid -> outputs, event-loop side
+        self.sinks: dict[str, Any] = {}        # rid -> where its outputs go (put_nowait), event-loop side
         self.subscribers: set[asyncio.Queue] = set()          # KV event lists, event-loop side
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -55,10 +55,12 @@ class EngineLoop:
         """Fire and forget (safe from a cancelled task's finally block)."""
         self._cmds.put((fn, args, kwargs, None))
 
-    def open_sink(self, rid: str) -> asyncio.Queue:
-        q: asyncio.Queue = asyncio.Queue()
-        self.sinks[rid] = q
-        return q
+    def open_sink(self, rid: str, sink: Any = None) -> Any:
+        """Route rid's outputs to sink (an asyncio.Queue unless given: anything with put_nowait)."""
+        if sink is None:
+            sink = asyncio.Queue()
+        self.sinks[rid] = sink
+        return sink
 
     def close_sink(self, rid: str) -> None:
         self.sinks.pop(rid, None)

@@ -94,6 +94,8 @@ async def serve(wcfg: WorkerConfig, ecfg) -> None:
     await health_servicer.enter_graceful_shutdown()
     for q in list(loop.subscribers):
         q.put_nowait(None)
+    for s in list(state.streams):
+        s.wake.set()                        # a stream with nothing running ends now
     await server.stop(grace=wcfg.drain_timeout_s)
     loop.stop()
     log.warning("worker %s stopped", state.worker_id)

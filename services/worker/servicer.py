@@ -7,6 +7,7 @@ from pathlib import Path
 import grpc
 
 from services.decode.service import decode
+from services.decode.stream import decode_stream
 from services.prefill.service import prefill
 from services.transfer import backend_names
 from tandem.v1 import worker_pb2, worker_pb2_grpc
@@ -22,6 +23,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def Decode(self, request, context):
         await decode(self.w, request, context)
+
+    async def DecodeStream(self, request_iterator, context):
+        await decode_stream(self.w, request_iterator, context)
 
     async def Prefill(self, request, context):
         await prefill(self.w, request, context)

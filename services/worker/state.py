@@ -22,6 +22,7 @@ class WorkerState:
     worker_id: str = field(default_factory=lambda: os.urandom(6).hex())
     prefill_timeout_s: float = 60.0         # a Prefill call (compute + transfer) that takes longer fails
     draining: bool = False
+    streams: set = field(default_factory=set)   # open DecodeStreams (woken when a drain starts)
     _peers: dict[str, worker_pb2_grpc.WorkerStub] = field(default_factory=dict)
     _ids: itertools.count = field(default_factory=itertools.count)
 

@@ -22,6 +22,7 @@ def disagg(tmp_path_factory):
     try:
         cluster.wait_healthy(port, procs)
         yield {"port": port, "grpc_port": gport, "prefill_metrics": pmet, "decode_metrics": dmet,
+               "prefill_port": pport, "decode_port": dport,
                "procs": procs, "base": f"http://127.0.0.1:{port}"}
     finally:
         for p in procs[::-1]:

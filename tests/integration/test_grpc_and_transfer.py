@@ -78,3 +78,57 @@ def test_only_the_missing_suffix_moves(disagg):
     assert r2 - r1 == len(more) - held
     sent = cluster.scrape(disagg["prefill_metrics"])['tandem_kv_transfer_tokens_total{direction="sent"}']
     assert sent >= r2 - r0
+
+
+def test_decode_stream_multiplexes_requests(disagg):
+    """Worker.DecodeStream, as the gateway uses it: several requests on one
+    stream (started in one message) each get their own greedy ids; a bad one
+    fails alone with the field named; a second request with a running one's id
+    fails both; a cancelled one stops and frees its pages."""
+    from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+    prompt = "Name three rivers of Europe."
+    want = offline_ids([prompt], N)[0]
+    prefill = f"127.0.0.1:{disagg['prefill_port']}"
+
+    def req(rid, **sampling):
+        sp = common_pb2.SamplingParams(temperature=0.0, max_new_tokens=N, **sampling)
+        return worker_pb2.DecodeRequest(request_id=rid, prompt_ids=want["prompt_ids"], sampling=sp,
+                                        prefill_address=prefill)
+
+    async def go():
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{disagg['decode_port']}") as ch:
+            stub = worker_pb2_grpc.WorkerStub(ch)
+            call = stub.DecodeStream()
+            long = req("long")
+            long.sampling.max_new_tokens = 400
+            long.sampling.ignore_eos = True
+            await call.write(worker_pb2.DecodeStreamRequest(start=[req("a"), req("b"), req("bad", top_p=2.0), long]))
+            await call.write(worker_pb2.DecodeStreamRequest(start=[req("c")]))
+            await call.write(worker_pb2.DecodeStreamRequest(start=[req("c")]))
+            got, done, batches = {}, {}, 0
+            async for batch in call:
+                batches += len(batch.updates) > 1
+                for u in batch.updates:
+                    got.setdefault(u.request_id, []).extend(u.token_ids)
+                    if u.finish_reason or u.error_code:
+                        done[u.request_id] = u
+                if "long" in got and len(got["long"]) >= 3 and "cancelled" not in done:
+                    done["cancelled"] = None
+                    await call.write(worker_pb2.DecodeStreamRequest(cancel=["long"]))
+                if {"a", "b", "bad", "c"} <= done.keys() and "cancelled" in done:
+                    break
+            await asyncio.sleep(0.5)              # the cancel reaches the engine
+            load = await stub.Load(worker_pb2.LoadRequest())
+            call.cancel()
+            return got, done, batches, load
+
+    got, done, batches, load = asyncio.run(go())
+    assert got["a"] == want["output_ids"] and got["b"] == want["output_ids"]
+    assert done["a"].finish_reason and done["a"].usage.completion_tokens == len(want["output_ids"])
+    assert done["bad"].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert done["bad"].error_message.startswith("sampling.top_p")
+    assert done["c"].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert done["c"].error_message.startswith("request_id")
+    assert "long" not in done and len(got["long"]) < 400
+    assert batches > 0                    # tokens of several requests share messages
+    assert load.load.running == 0 and load.load.waiting == 0
