@@ -12,13 +12,16 @@ from kernels import cpu as cpu_kernels
 
 from .attention.base import default_backend, get_backend
 from .config import DTYPES, EngineConfig, ModelConfig
+from .cuda_graph import DecodeGraphs
 from .kv_manager import KVManager
 from .kv_pool import KVPool
 from .loader import ModelSource, iter_weights, resolve_model
 from .models.registry import get_model_class
+from .request import Request
 from .runner import ModelRunner
 from .sampler import Sampler
-from .scheduler import Scheduler
+from .sampling_params import SamplingParams
+from .scheduler import Chunk, ScheduledBatch, Scheduler
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("tandem.engine")
@@ -74,7 +77,10 @@ def build_model(source: ModelSource, cfg: ModelConfig, dtype: torch.dtype, devic
     return model
 
 
-def kv_pool_pages(config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
+def kv_pool_pages(config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                  reserve_bytes: int = 0) -> int:
+    """Pages of the KV pool (page 0 included). GPU: total * mem_fraction_static, less what
+    is in use now (weights, CUDA context) and `reserve_bytes` (activations, graphs)."""
     cc = config.cache
     ps = cc.page_size
     if cc.max_total_tokens:
@@ -82,13 +88,45 @@ def kv_pool_pages(config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, de
     per_token = cfg.kv_bytes_per_token(dtype)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        budget = free - total * (1 - cc.mem_fraction)
+        budget = total * cc.mem_fraction_static - (total - free) - reserve_bytes
+        what = "mem_fraction_static"
     else:
         budget = min(_mem_available() * cc.mem_fraction, cc.cpu_kv_budget_gb * 2**30)
+        what = "mem_fraction"
     if budget <= per_token * ps * 2:
         raise MemoryError(f"no memory left for the KV cache (budget {budget / 2**20:.0f} MiB); "
-                          f"lower the model size or raise mem_fraction")
+                          f"lower the model size or raise {what}")
     return KVPool.pages_for_budget(int(budget), ps, per_token)
+
+
+def activation_reserve(config: EngineConfig, cfg: ModelConfig, model: torch.nn.Module, backend_cls,
+                       dtype: torch.dtype, device: torch.device) -> int:
+    """GPU bytes to keep free beside the KV pool, measured: the peak of a forward of the
+    largest step (max(chunked_prefill_size, max_running_requests) tokens of one sequence)
+    over a scratch pool, plus the sampler's fp32 logits copies of the largest batch, plus
+    as much again for the CUDA graphs' pool (decode activations, far smaller), plus a
+    fixed margin for allocator fragmentation and library workspaces."""
+    sc, ps = config.scheduler, config.cache.page_size
+    tokens = max(sc.chunked_prefill_size, sc.max_running_requests)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    pool = KVPool(-(-tokens // ps) + 1, ps, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+    runner = ModelRunner(model, backend_cls(pool, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim), ps, device)
+    req = Request("profile", [0] * tokens, SamplingParams())
+    req.pages = list(range(1, pool.num_pages))
+    runner.run(ScheduledBatch((Chunk(req, 0, tokens, True),)))
+    torch.cuda.synchronize(device)
+    pool_bytes = 2 * cfg.num_layers * pool.num_slots * cfg.kv_size * pool.k_cache[0].element_size()
+    peak = torch.cuda.max_memory_allocated(device) - base - pool_bytes
+    del runner, pool
+    torch.cuda.empty_cache()
+    sampler = 3 * sc.max_running_requests * cfg.vocab_size * 4
+    reserve = 2 * peak + sampler + 512 * 2**20
+    log.info("GPU memory: forward of %d tokens peaks at %.0f MiB; %.0f MiB kept beside the KV pool",
+             tokens, peak / 2**20, reserve / 2**20)
+    return reserve
 
 
 def _mem_available() -> int:
@@ -108,19 +146,28 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     max_len = min(cfg.max_position_embeddings, config.max_model_len or cfg.max_position_embeddings)
     model = build_model(source, cfg, dtype, device, max_len, config.seed)
     ps = config.cache.page_size
-    num_pages = kv_pool_pages(config, cfg, dtype, device)
+    name = default_backend(device) if config.attention_backend == "auto" else config.attention_backend
+    backend_cls = get_backend(name)
+    reserve = 0
+    if device.type == "cuda" and not config.cache.max_total_tokens:
+        reserve = activation_reserve(config, cfg, model, backend_cls, dtype, device)
+    num_pages = kv_pool_pages(config, cfg, dtype, device, reserve)
     pool = KVPool(num_pages, ps, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype, device)
     context_len = min(max_len, (num_pages - 1) * ps)
-    log.info("KV pool: %d pages of %d tokens (%d tokens), context %d, dtype %s, device %s",
-             num_pages - 1, ps, (num_pages - 1) * ps, context_len, dtype, device)
+    log.info("KV pool: %d pages of %d tokens (%d tokens), context %d, dtype %s, device %s, attention %s",
+             num_pages - 1, ps, (num_pages - 1) * ps, context_len, dtype, device, name)
     kv = KVManager(pool, ps, config.cache.enable_prefix_cache, config.cache.kv_events)
-    backend_name = default_backend(device) if config.attention_backend == "auto" else config.attention_backend
-    backend = get_backend(backend_name)(pool, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    backend = backend_cls(pool, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    runner = ModelRunner(model, backend, ps, device)
+    if device.type == "cuda" and backend.graph_capturable and not config.disable_cuda_graph:
+        max_bs = min(config.scheduler.max_running_requests, config.cuda_graph_max_bs)
+        runner.graphs = DecodeGraphs(model, backend, max_bs, -(-context_len // ps), device)
+        runner.graphs.capture()
     eos = tuple(sorted(set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())))
     return EngineParts(
         model_config=cfg, tokenizer=tokenizer, device=device, dtype=dtype, kv=kv,
         scheduler=Scheduler(config.scheduler, kv),
-        runner=ModelRunner(model, backend, ps, device),
+        runner=runner,
         sampler=Sampler(seed=config.seed),
         context_len=context_len, eos_token_ids=eos,
     )

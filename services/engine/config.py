@@ -106,8 +106,11 @@ def _freeze(v: Any) -> Any:
 @dataclass(frozen=True)
 class CacheConfig:
     page_size: int = 16
-    mem_fraction: float = 0.85        # of free device memory (GPU) or of a CPU budget
-    max_total_tokens: int | None = None   # explicit pool size in tokens; wins over mem_fraction
+    mem_fraction: float = 0.85        # CPU: share of MemAvailable (capped by cpu_kv_budget_gb)
+    # GPU: share of the device's total memory the engine may hold: weights, activations,
+    # CUDA graphs and the KV pool, which gets what the others leave.
+    mem_fraction_static: float = 0.88
+    max_total_tokens: int | None = None   # explicit pool size in tokens; wins over the fractions
     cpu_kv_budget_gb: float = 4.0     # what mem_fraction applies to on CPU
     enable_prefix_cache: bool = True
     kv_events: bool = False           # record KV events (workers stream them to gateways)
@@ -127,7 +130,9 @@ class EngineConfig:
     load_format: str = "auto"         # auto | hf | gguf | dummy
     dtype: str = "auto"               # auto | float32 | bfloat16 | float16
     device: str = "auto"              # auto | cpu | cuda | cuda:N
-    attention_backend: str = "auto"   # auto | torch | cpu (C++ kernels) | ...
+    attention_backend: str = "auto"   # auto | torch | cpu (C++ kernels) | triton | flashinfer
+    disable_cuda_graph: bool = False  # decode batches run eagerly
+    cuda_graph_max_bs: int = 256      # largest decode batch captured (capped by max_running_requests)
     max_model_len: int | None = None  # context cap; default: the model's, bounded by the pool
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -1,7 +1,9 @@
 """Building blocks shared by the model families: norm, rotary, MLP, linear.
 
 Numerics follow Hugging Face transformers exactly (fp32 norm statistics,
-fp32 rotary angles) so that greedy outputs match the reference.
+fp32 rotary angles) so that greedy outputs match the reference. On CUDA the
+residual add + RMSNorm and the rotary embedding are fused Triton kernels
+(kernels/triton), which keep the same roundings up to bf16 ties.
 """
 from __future__ import annotations
 
@@ -22,6 +24,19 @@ GEMV_MAX_TOKENS = 64
 def fused_cpu(x: torch.Tensor) -> bool:
     """Use the fused C++ ops: CPU tensors of a supported dtype, kernels built."""
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.available()
+
+
+def fused_gpu(x: torch.Tensor) -> bool:
+    """Use the fused Triton ops: a CUDA tensor, Triton and kernels/triton importable."""
+    if not x.is_cuda:
+        return False
+    from .attention.triton_backend import triton_available
+    return triton_available()
+
+
+def _gpu_ops():
+    from kernels import triton as tk
+    return tk
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
@@ -55,6 +70,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
     """residual += x; return (norm(residual), residual). First layer: residual is None."""
     if fused_cpu(x) and x.dim() == 2:
         return cpu_kernels.add_rmsnorm(x.contiguous(), residual, norm.weight, norm.eps)
+    if fused_gpu(x) and x.dim() == 2:
+        return _gpu_ops().fused_add_rmsnorm(x, residual, norm.weight, norm.eps)
     residual = x if residual is None else residual + x
     return norm(residual), residual
 
@@ -131,9 +148,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", torch.cat([-sin[:, :head_dim // 2], sin[:, head_dim // 2:]], -1),
                              persistent=False)
         self.half = head_dim // 2
+        self._rope_args = (head_dim, max_pos, theta, scaling)
+        self.gpu_cache: torch.Tensor | None = None     # kernels/triton's table, built on first GPU use
 
-    def prepare(self, positions: torch.Tensor, like: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Once per forward: a function that rotates x [T, heads, D] at `positions`."""
+    def prepare(self, positions: torch.Tensor, like: torch.Tensor,
+                num_q_heads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Once per forward: a function that rotates x [T, heads, D] at `positions`
+        (on CUDA in place; there x's first num_q_heads heads are q, the rest k)."""
+        if num_q_heads is not None and fused_gpu(like):
+            return self._prepare_gpu(positions, like, num_q_heads)
         if fused_cpu(like):
             def rope(x: torch.Tensor) -> torch.Tensor:
                 cpu_kernels.rope_(x, positions, self.cos, self.sin)
@@ -142,3 +165,15 @@ class RotaryEmbedding(nn.Module):
         cos = self.cos[positions].to(like.dtype).unsqueeze(1)     # [T, 1, D]: broadcast over heads
         sin = self.sin[positions].to(like.dtype).unsqueeze(1)
         return lambda x: torch.addcmul(x * cos, x.roll(self.half, dims=-1), sin)
+
+    def _prepare_gpu(self, positions: torch.Tensor, like: torch.Tensor, num_q_heads: int
+                     ) -> Callable[[torch.Tensor], torch.Tensor]:
+        tk = _gpu_ops()
+        if self.gpu_cache is None or self.gpu_cache.device != like.device:
+            head_dim, max_pos, theta, scaling = self._rope_args
+            self.gpu_cache = tk.rope_cos_sin_cache(head_dim, max_pos, theta, scaling, like.device)
+
+        def rope(x: torch.Tensor) -> torch.Tensor:
+            tk.apply_rope_(x[:, :num_q_heads], x[:, num_q_heads:], positions, self.gpu_cache)
+            return x
+        return rope

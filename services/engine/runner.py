@@ -1,16 +1,27 @@
 """Turns a ScheduledBatch into tensors and runs the model.
 
 The only place that knows both the scheduler's plain data and tensors.
+
+Two ways in, by backend kind (attention/base.py):
+- per-sequence backends (torch, cpu) get SeqSpecs with slot tensors;
+- paged backends (triton, flashinfer) get a PagedBatch. Everything a step
+  needs (ids, positions, slots, page table, lengths) is built with numpy,
+  packed into one pinned host buffer and copied to the device in one
+  non-blocking copy; the forward then never waits for the host. Decode
+  batches replay a CUDA graph when one is captured (cuda_graph.py).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
-from .attention.base import AttentionBackend, SeqSpec
+from .attention.base import AttentionBackend, PagedBatch, SeqSpec
 from .forward_context import ForwardContext, forward_context
-from .kv_pool import slot_tensor
+from .kv_pool import RESERVED_PAGE, slot_tensor
 from .request import Request
-from .scheduler import ScheduledBatch
+from .scheduler import Chunk, ScheduledBatch
 
 
 def tokens_of(req: Request, start: int, n: int) -> list[int]:
@@ -30,6 +41,8 @@ class ModelRunner:
         self.backend = backend
         self.ps = page_size
         self.device = device
+        self.uploader = Uploader(device)
+        self.graphs = None          # cuda_graph.DecodeGraphs, set by the builder after capture
 
     def slots(self, pages: list[int], length: int) -> torch.Tensor:
         """KV slots of positions [0, length) of a sequence with these pages (CPU tensor)."""
@@ -39,6 +52,32 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [S, V] (float32) of the chunks that sample, in batch order."""
+        if self.backend.paged:
+            return self._run_paged(batch.chunks)
+        return self._run_seqs(batch)
+
+    # -- paged backends: one upload, optional CUDA graph -----------------------------------------
+    def _run_paged(self, chunks: tuple[Chunk, ...]) -> torch.Tensor:
+        step = StepArrays.build(chunks, self.ps)
+        B = len(chunks)
+        bucket = self.graphs.bucket(B) if self.graphs is not None and step.max_q_len == 1 else None
+        if bucket is not None:
+            step = step.padded(bucket)
+        dev = self.uploader.upload(step.arrays)
+        if bucket is not None:
+            logits = self.graphs.replay(dev, B)
+        else:
+            pb = step.paged_batch(dev)
+            ctx = ForwardContext(dev["out_slots"], self.backend.build_paged(pb), self.backend)
+            with forward_context(ctx):
+                hidden = self.model(dev["input_ids"], dev["positions"])
+            if not step.all_sample:
+                hidden = hidden[dev["sample_rows"]]
+            return self.model.compute_logits(hidden)
+        return logits if step.all_sample else logits[dev["sample_rows"]]
+
+    # -- per-sequence backends (torch, cpu) --------------------------------------------------------
+    def _run_seqs(self, batch: ScheduledBatch) -> torch.Tensor:
         ids: list[int] = []
         positions: list[int] = []
         out_slots, specs, last_rows = [], [], []
@@ -66,3 +105,117 @@ class ModelRunner:
             return self.model.compute_logits(hidden)
         rows = torch.tensor(last_rows, dtype=torch.int64).to(dev, non_blocking=True)
         return self.model.compute_logits(hidden[rows])
+
+
+@dataclass
+class StepArrays:
+    """A step's inputs as host arrays (numpy), in the layout the device gets them.
+
+    input_ids int32 [T], positions int64 [T], out_slots int64 [T] (-1: write
+    nothing), page_table int32 [B, P] (page 0 past a sequence's end),
+    seq_lens / prefix_lens int32 [B], q_start int32 [B + 1], sample_rows int64 [S].
+    """
+    arrays: dict[str, np.ndarray]
+    max_q_len: int
+    all_sample: bool            # every row samples (a decode batch): no gather of sample_rows
+
+    @classmethod
+    def build(cls, chunks: tuple[Chunk, ...], ps: int) -> "StepArrays":
+        B = len(chunks)
+        starts = np.fromiter((c.start for c in chunks), np.int64, B)
+        ns = np.fromiter((c.n for c in chunks), np.int64, B)
+        seq_lens = starts + ns
+        npages = -(-seq_lens // ps)
+        table = np.zeros((B, int(npages.max())), np.int32)
+        for i, (c, k) in enumerate(zip(chunks, npages.tolist())):
+            table[i, :k] = c.req.pages[:k]
+        q_start = np.zeros(B + 1, np.int64)
+        np.cumsum(ns, out=q_start[1:])
+        T = int(q_start[-1])
+        if T == B:                                   # one token per sequence (decode)
+            rows, positions = np.arange(B), starts
+            ids = [tokens_of(c.req, c.start, 1)[0] for c in chunks]
+        else:
+            rows = np.repeat(np.arange(B), ns)
+            positions = np.arange(T) - np.repeat(q_start[:-1] - starts, ns)
+            ids = [t for c in chunks for t in tokens_of(c.req, c.start, c.n)]
+        page_idx = positions // ps
+        out_slots = table[rows, page_idx].astype(np.int64) * ps + (positions - page_idx * ps)
+        sample = np.fromiter((c.sample for c in chunks), bool, B)
+        arrays = {
+            "input_ids": np.asarray(ids, np.int32), "positions": positions.astype(np.int64),
+            "out_slots": out_slots, "page_table": table, "seq_lens": seq_lens.astype(np.int32),
+            "prefix_lens": starts.astype(np.int32), "q_start": q_start.astype(np.int32),
+            "sample_rows": q_start[1:][sample] - 1,
+        }
+        return cls(arrays, int(ns.max()), bool(sample.all()) and T == B)
+
+    def padded(self, bs: int) -> "StepArrays":
+        """A decode step padded to bs sequences: the extra rows write nowhere (slot -1),
+        attend to one position of the reserved page 0 and are never sampled."""
+        a = self.arrays
+        pad = bs - len(a["seq_lens"])
+        if pad == 0:
+            return self
+        fill = {"input_ids": 0, "positions": 0, "out_slots": -1, "seq_lens": 1, "prefix_lens": 0}
+        out = {k: np.concatenate([a[k], np.full(pad, v, a[k].dtype)]) for k, v in fill.items()}
+        out["page_table"] = np.concatenate([a["page_table"], np.full((pad, a["page_table"].shape[1]),
+                                                                     RESERVED_PAGE, np.int32)])
+        out["q_start"] = np.arange(bs + 1, dtype=np.int32)
+        out["sample_rows"] = a["sample_rows"]
+        return StepArrays(out, self.max_q_len, self.all_sample)
+
+    def paged_batch(self, dev: dict[str, torch.Tensor]) -> PagedBatch:
+        return PagedBatch(dev["page_table"], dev["seq_lens"], dev["prefix_lens"], dev["q_start"],
+                          self.max_q_len, host=self.arrays)
+
+
+class Uploader:
+    """Host arrays -> device tensors in one copy: packed into a pinned buffer (one of
+    two, used in turn), copied non-blocking into one device buffer, viewed per name.
+
+    A pinned buffer is rewritten only after the copy that last read it has finished
+    (its event), so a step that ends without a host sync cannot race the copy."""
+    ALIGN = 16
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self._host: list[torch.Tensor | None] = [None, None]
+        self._events: list[torch.cuda.Event | None] = [None, None]
+        self._dev: torch.Tensor | None = None
+        self._turn = 0
+
+    def upload(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        offsets, total = {}, 0
+        for name, a in arrays.items():
+            offsets[name] = total
+            total += -(-a.nbytes // self.ALIGN) * self.ALIGN
+        if not self.pinned:          # CPU: the host arrays are the tensors
+            return {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in arrays.items()}
+        host = self._host_buffer(total)
+        view = host.numpy()
+        for name, a in arrays.items():
+            view[offsets[name]:offsets[name] + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+        if self._dev is None or self._dev.numel() < total:
+            self._dev = torch.empty(max(total, 2 * (self._dev.numel() if self._dev is not None else 0)),
+                                    dtype=torch.uint8, device=self.device)
+        self._dev[:total].copy_(host[:total], non_blocking=True)
+        ev = self._events[self._turn] = self._events[self._turn] or torch.cuda.Event()
+        ev.record()
+        self._turn ^= 1
+        return {name: self._dev[off:off + a.nbytes].view(_TORCH[a.dtype]).view(a.shape)
+                for (name, a), off in zip(arrays.items(), offsets.values())}
+
+    def _host_buffer(self, nbytes: int) -> torch.Tensor:
+        i = self._turn
+        if self._events[i] is not None:
+            self._events[i].synchronize()        # the copy that read this buffer is done
+        buf = self._host[i]
+        if buf is None or buf.numel() < nbytes:
+            buf = self._host[i] = torch.empty(max(nbytes, 2 * (buf.numel() if buf is not None else 0), 1 << 16),
+                                              dtype=torch.uint8, pin_memory=True)
+        return buf
+
+
+_TORCH = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64}

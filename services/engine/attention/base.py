@@ -13,11 +13,18 @@ Contract:
   [T, KVH, D] of the new tokens, writes k, v at `out_slots` of `layer`, and
   returns the attention output [T, H * D]. Attention is causal: token i of a
   sequence sees positions [0, start + i].
+
+Paged backends (`paged = True`: triton, flashinfer) get `build_paged(batch)`
+instead of `build(seqs)`: the runner uploads the whole step (ids, positions,
+slots, page table, lengths) in one host->device copy and hands them a
+`PagedBatch` of device tensors, with no per-sequence slot tensors. Their
+`forward` must not sync with the host; with `graph_capturable` it must also
+be capturable by a CUDA graph with the PagedBatch's tensors as static inputs.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -30,7 +37,26 @@ class SeqSpec:
     slots: torch.Tensor
 
 
+@dataclass
+class PagedBatch:
+    """One forward's sequences in paged form. Tensors live on the model's device;
+    `host` holds the same arrays as numpy (for backends that plan on the CPU)."""
+    page_table: torch.Tensor       # int32 [B, P]: page ids of positions [0, seq_len); 0 past the end
+    seq_lens: torch.Tensor         # int32 [B]: tokens in the cache after this forward
+    prefix_lens: torch.Tensor      # int32 [B]: tokens cached before it (seq_len - new tokens)
+    q_start: torch.Tensor          # int32 [B + 1]: first row of each sequence's new tokens in [T]
+    max_q_len: int                 # most new tokens of one sequence (1: a pure decode batch)
+    host: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_q_len == 1
+
+
 class AttentionBackend(ABC):
+    paged = False                  # True: build_paged(PagedBatch) instead of build(seqs)
+    graph_capturable = False       # forward can run inside a CUDA graph (decode batches)
+
     def __init__(self, kv_pool: Any, num_heads: int, num_kv_heads: int, head_dim: int):
         self.kv_pool = kv_pool
         self.num_heads = num_heads
@@ -38,8 +64,11 @@ class AttentionBackend(ABC):
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5
 
-    @abstractmethod
-    def build(self, seqs: Sequence[SeqSpec]) -> Any: ...
+    def build(self, seqs: Sequence[SeqSpec]) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} builds from a PagedBatch (paged = True)")
+
+    def build_paged(self, batch: PagedBatch) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} builds from SeqSpecs (paged = False)")
 
     @abstractmethod
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -57,15 +86,20 @@ def register_backend(name: str) -> Callable[[type[AttentionBackend]], type[Atten
 
 
 def get_backend(name: str) -> type[AttentionBackend]:
-    from . import cpu_backend, torch_backend  # noqa: F401  (register "cpu", "torch")
+    # registers "cpu", "torch", "triton", "flashinfer" (the last two import their kernels lazily)
+    from . import cpu_backend, flashinfer_backend, torch_backend, triton_backend  # noqa: F401
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend {name!r} is unknown (known: {sorted(ATTENTION_BACKENDS)})")
     return ATTENTION_BACKENDS[name]
 
 
 def default_backend(device: torch.device) -> str:
-    """auto: the C++ kernels on a CPU that has them, else the torch reference."""
+    """auto: triton on CUDA when Triton imports, the C++ kernels on a CPU that has
+    them, else the torch reference."""
     if device.type == "cpu":
         from kernels import cpu as cpu_kernels
         return "cpu" if cpu_kernels.available() else "torch"
+    if device.type == "cuda":
+        from .triton_backend import triton_available
+        return "triton" if triton_available() else "torch"
     return "torch"

@@ -95,7 +95,7 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         if fused is not None:
             return self._forward_fused(x, fused)
-        rope = self.rotary.prepare(positions, x)
+        rope = self.rotary.prepare(positions, x, self.cfg.num_heads)
         for layer in self.layers:
             x, residual = layer(x, residual, rope)
         x, _ = add_rms_norm(x, residual, self.norm)
@@ -187,9 +187,13 @@ class LlamaForCausalLM(nn.Module):
     @torch.no_grad()
     def init_dummy_weights(self, seed: int = 0) -> None:
         """Random weights of a plausible scale (for speed work; `--load-format dummy`)."""
-        g = torch.Generator().manual_seed(seed)
+        dev = next(self.parameters()).device
+        # CPU: one CPU generator (as always); GPU: a generator there (8B of randn on the host is slow)
+        g = torch.Generator(dev if dev.type == "cuda" else "cpu").manual_seed(seed)
         for name, p in self.named_parameters():
             if "norm" in name:
                 p.fill_(1.0)
+            elif dev.type == "cuda":
+                p.normal_(0.0, 0.02, generator=g)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)

@@ -1,0 +1,79 @@
+"""FlashInfer backend (used when the flashinfer package imports).
+
+UNTESTED: flashinfer is installed neither on the development machine nor on
+the GPU box this was written for; tests/gpu covers it only where it imports.
+
+Page tables come from the runner's PagedBatch (host copy), turned into
+FlashInfer's CSR form (indptr, indices, last_page_len) once per forward, and
+`plan()` runs then, not per layer. K/V are stored with the Triton store_kv
+kernel (the pool layout [pages * page_size, KVH, D] is FlashInfer's NHD
+[pages, page_size, KVH, D] viewed flat). plan() syncs with the host, so
+decode batches run eagerly (no CUDA graphs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import AttentionBackend, PagedBatch, register_backend
+from .triton_backend import kernel_ops
+
+WORKSPACE_BYTES = 128 * 2**20
+
+
+def flashinfer_available() -> bool:
+    try:
+        import flashinfer  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@dataclass
+class FlashInferMeta:
+    wrapper: Any        # the planned decode or prefill wrapper
+
+
+@register_backend("flashinfer")
+class FlashInferAttentionBackend(AttentionBackend):
+    paged = True
+    graph_capturable = False
+
+    def __init__(self, kv_pool, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__(kv_pool, num_heads, num_kv_heads, head_dim)
+        import flashinfer       # ImportError names the missing package
+        dev = kv_pool.device
+        ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
+        self.ops = kernel_ops(dev)
+        self.ps = kv_pool.page_size
+
+    def build_paged(self, batch: PagedBatch) -> FlashInferMeta:
+        h = batch.host
+        ps, dev, dtype = self.ps, self.kv_pool.device, self.kv_pool.dtype
+        seq_lens = h["seq_lens"].astype(np.int64)
+        npages = -(-seq_lens // ps)
+        indices = np.concatenate([row[:n] for row, n in zip(h["page_table"], npages)]).astype(np.int32)
+        indptr = torch.from_numpy(np.concatenate([[0], np.cumsum(npages)]).astype(np.int32))
+        last = torch.from_numpy((seq_lens - (npages - 1) * ps).astype(np.int32))
+        indices = torch.from_numpy(indices).to(dev, non_blocking=True)
+        heads = (self.num_heads, self.num_kv_heads, self.head_dim, ps)
+        if batch.is_decode:
+            self._decode.plan(indptr, indices, last, *heads, pos_encoding_mode="NONE",
+                              q_data_type=dtype, kv_data_type=dtype, sm_scale=self.scale)
+            return FlashInferMeta(self._decode)
+        qo = torch.from_numpy(h["q_start"].astype(np.int32))
+        self._prefill.plan(qo, indptr, indices, last, *heads, causal=True, sm_scale=self.scale,
+                           q_data_type=dtype, kv_data_type=dtype)
+        return FlashInferMeta(self._prefill)
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                out_slots: torch.Tensor, meta: FlashInferMeta) -> torch.Tensor:
+        kc, vc = self.kv_pool.k_cache[layer], self.kv_pool.v_cache[layer]
+        self.ops.store_kv(k, v, kc, vc, out_slots)
+        paged = (kc.view(-1, self.ps, *kc.shape[1:]), vc.view(-1, self.ps, *vc.shape[1:]))
+        return meta.wrapper.run(q.contiguous(), paged).view(q.shape[0], -1)
