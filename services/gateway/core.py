@@ -111,94 +111,97 @@ class Gateway:
                                 f"the model's context of {ctx} tokens (at most {ctx - n})", max_tokens_param)
 
     async def generate(self, req: GenRequest) -> AsyncIterator[GenChunk]:
+        """The chunks of one request; errors (ApiError) come out of the first anext()
+        unless the request failed after it started."""
         if self.inflight >= self.cfg.max_inflight:
             metrics.REJECTED.inc()
             raise ApiError(429, f"the gateway is at its limit of {self.cfg.max_inflight} requests in flight",
                            retry_after=1)
         entry = self.model(req.model)
-        rid = req.request_id or uuid.uuid4().hex
         self.inflight += 1
         metrics.INFLIGHT.inc()
         try:
-            async for chunk in self._generate(entry, req, rid):
-                yield chunk
+            rid = req.request_id or uuid.uuid4().hex
+            detok = IncrementalDetokenizer(entry.tokenizer, req.skip_special_tokens)
+            stops = StopStrings(req.stop, req.include_stop_str) if req.stop else None
+            out_ids: list[int] = []
+            tried: set[str] = set()
+            failures = 0
+            t0 = time.perf_counter()
+            first = True
+            while True:
+                params = req.params
+                if out_ids:                          # resuming on another worker
+                    params = dataclasses.replace(params, max_new_tokens=params.max_new_tokens - len(out_ids),
+                                                 min_new_tokens=max(0, params.min_new_tokens - len(out_ids)))
+                prompt = req.prompt_ids + out_ids
+                route = self.router.route([w.state for w in self.workers.values()], entry.name, prompt,
+                                          frozenset(tried))
+                route.charge()
+                mux = self.workers[route.decode.address].decoder
+                wire_rid, q = mux.open(worker_pb2.DecodeRequest(
+                    request_id=f"{rid}-{failures}" if failures else rid, prompt_ids=prompt,
+                    sampling=sampling_to_proto(params),
+                    prefill_address=route.prefill.address if route.prefill else ""))
+                done = False
+                try:
+                    while True:
+                        ups = [await q.get()]
+                        while not q.empty():             # all that came since: one chunk, one write
+                            ups.append(q.get_nowait())
+                        if first:
+                            metrics.TTFT.observe(time.perf_counter() - t0)
+                            first = False
+                        route.prefill_done()
+                        last = ups[-1]
+                        if isinstance(last, WorkerCallError):
+                            ups.pop()
+                        ids = [t for u in ups for t in u.token_ids]
+                        if isinstance(last, WorkerCallError) or last.error_code:
+                            out_ids += ids                # what did arrive still counts on a retry
+                            if ids:
+                                yield self._chunk(ids, ups, detok, stops, None)[0]
+                            raise last if isinstance(last, WorkerCallError) else update_error(last)
+                        out_ids += ids
+                        reason = last.finish_reason or None
+                        chunk, reason = self._chunk(ids, ups, detok, stops, reason)
+                        if reason:
+                            chunk.prompt_tokens = len(req.prompt_ids)
+                            chunk.completion_tokens = len(out_ids)
+                            chunk.cached_tokens = last.usage.cached_tokens
+                            done = True
+                            metrics.GENERATED.inc(len(out_ids))
+                            metrics.E2E.observe(time.perf_counter() - t0)
+                        yield chunk
+                        if done:
+                            return
+                except WorkerCallError as e:
+                    failures += 1
+                    self._failed(e, rid, route, failures, tried)
+                finally:
+                    route.finish()
+                    if not done:
+                        mux.cancel(wire_rid)
         finally:
             self.inflight -= 1
             metrics.INFLIGHT.dec()
 
-    async def _generate(self, entry: ModelEntry, req: GenRequest, rid: str) -> AsyncIterator[GenChunk]:
-        detok = IncrementalDetokenizer(entry.tokenizer, req.skip_special_tokens)
-        stops = StopStrings(req.stop, req.include_stop_str) if req.stop else None
-        out_ids: list[int] = []
-        tried: set[str] = set()
-        failures = 0
-        t0 = time.perf_counter()
-        first = True
-        while True:
-            params = req.params
-            if out_ids:                          # resuming on another worker
-                params = dataclasses.replace(params, max_new_tokens=params.max_new_tokens - len(out_ids),
-                                             min_new_tokens=max(0, params.min_new_tokens - len(out_ids)))
-            prompt = req.prompt_ids + out_ids
-            route = self.router.route([w.state for w in self.workers.values()], entry.name, prompt,
-                                      frozenset(tried))
-            route.charge()
-            mux = self.workers[route.decode.address].decoder
-            wire_rid, q = mux.open(worker_pb2.DecodeRequest(
-                request_id=f"{rid}-{failures}" if failures else rid, prompt_ids=prompt,
-                sampling=sampling_to_proto(params),
-                prefill_address=route.prefill.address if route.prefill else ""))
-            done = False
-            try:
-                while True:
-                    ups = [await q.get()]
-                    while not q.empty():             # all that came since: one chunk, one write
-                        ups.append(q.get_nowait())
-                    if first:
-                        metrics.TTFT.observe(time.perf_counter() - t0)
-                        first = False
-                    route.prefill_done()
-                    last = ups[-1]
-                    if isinstance(last, WorkerCallError):
-                        ups.pop()
-                    ids = [t for u in ups for t in u.token_ids]
-                    if isinstance(last, WorkerCallError) or last.error_code:
-                        out_ids += ids                # what did arrive still counts on a retry
-                        if ids:
-                            yield self._chunk(ids, ups, detok, stops, None)[0]
-                        raise last if isinstance(last, WorkerCallError) else update_error(last)
-                    out_ids += ids
-                    reason = last.finish_reason or None
-                    chunk, reason = self._chunk(ids, ups, detok, stops, reason)
-                    if reason:
-                        chunk.prompt_tokens = len(req.prompt_ids)
-                        chunk.completion_tokens = len(out_ids)
-                        chunk.cached_tokens = last.usage.cached_tokens
-                        done = True
-                        metrics.GENERATED.inc(len(out_ids))
-                        metrics.E2E.observe(time.perf_counter() - t0)
-                    yield chunk
-                    if done:
-                        return
-            except WorkerCallError as e:
-                code, details = e.code(), e.details()
-                if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise ApiError(400, details, details.split(":", 1)[0]) from None
-                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise ApiError(503, f"workers are out of KV memory: {details}", retry_after=1) from None
-                failures += 1
-                metrics.RETRIES.inc()
-                tried.add(route.decode.address)
-                if route.prefill is not None and "prefill worker" in details:
-                    tried.add(route.prefill.address)
-                log.warning("request %s: worker %s failed (%s: %s); %s", rid, route.decode.address, code.name,
-                            details, "retrying" if failures <= self.cfg.max_retries else "giving up")
-                if failures > self.cfg.max_retries:
-                    raise ApiError(503, f"request failed on {failures} workers: {details}", retry_after=1) from None
-            finally:
-                route.finish()
-                if not done:
-                    mux.cancel(wire_rid)
+    def _failed(self, e: WorkerCallError, rid: str, route, failures: int, tried: set[str]) -> None:
+        """A worker failed the request: an ApiError if retrying cannot help, else note
+        the workers to avoid on the retry."""
+        code, details = e.code(), e.details()
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            raise ApiError(400, details, details.split(":", 1)[0]) from None
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise ApiError(503, f"workers are out of KV memory: {details}", retry_after=1) from None
+        metrics.RETRIES.inc()
+        tried.add(route.decode.address)
+        if route.prefill is not None and "prefill worker" in details:
+            tried.add(route.prefill.address)
+        log.warning("request %s: worker %s failed (%s: %s); %s", rid, route.decode.address, code.name,
+                    details, "retrying" if failures <= self.cfg.max_retries else "giving up")
+        if failures > self.cfg.max_retries:
+            raise ApiError(503, f"request failed on {failures} workers: {details}", retry_after=1) from None
 
     @staticmethod
     def _chunk(ids, ups, detok, stops, reason):

@@ -90,7 +90,7 @@ class GenerationApp:
             return await _send_error(send, ApiError(500, f"internal error: {type(e).__name__}: {e}"))
         metrics.REQUESTS.labels(name, "200").inc()
         if p.stream:
-            return await _send_sse(_guard(stream_fn(p, _chain(first, gen))), receive, send)
+            return await _send_sse(stream_fn(p, _chain(first, gen)), receive, send)
         try:
             out = await full_fn(p, _chain(first, gen))
         except ApiError as e:
@@ -148,8 +148,11 @@ async def _send_sse(events: AsyncIterator[bytes], receive, send) -> None:
 
     watcher = asyncio.create_task(watch())
     try:
-        async for chunk in events:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        try:
+            async for chunk in events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except ApiError as e:                 # mid-stream: the status line is out, so a last event says it
+            await send({"type": "http.response.body", "body": _error_event(e) + _DONE, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     except asyncio.CancelledError:
         if not watcher.done():
@@ -198,16 +201,6 @@ async def _chain(first: GenChunk, rest: AsyncIterator[GenChunk]) -> AsyncIterato
     yield first
     async for c in rest:
         yield c
-
-
-async def _guard(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """An error mid-stream becomes a last event (the status line is already sent)."""
-    try:
-        async for e in events:
-            yield e
-    except ApiError as e:
-        yield _error_event(e)
-        yield _DONE
 
 
 def _token_text(p: Parsed, tid: int) -> str:

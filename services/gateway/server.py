@@ -40,7 +40,8 @@ async def serve(cfg: GatewayConfig) -> None:
             f"{cfg.host}:{cfg.grpc_port}", tandem_pb2.DESCRIPTOR.services_by_name["Tandem"],
             tandem_pb2_grpc.add_TandemServicer_to_server, TandemServicer(gw))
     http = _Uvicorn(uvicorn.Config(build_app(gw), host=cfg.host, port=cfg.port, loop="none", http="httptools",
-                                   lifespan="off", access_log=False, log_level="warning",
+                                   lifespan="off", access_log=False, log_level="warning", proxy_headers=False,
+                                   server_header=False, date_header=False,
                                    timeout_keep_alive=60, backlog=4096))
     http_task = asyncio.create_task(http.serve())
     log.warning("gateway: REST on http://%s:%d%s, policy %s, %d workers", cfg.host, cfg.port,
