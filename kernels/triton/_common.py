@@ -34,8 +34,8 @@ def check(name: str, t, *, ndim: int, dtypes=None, shape=None, device=None,
         raise ValueError(f"{name} must be contiguous in its last dimension (strides {t.stride()})")
 
 
-def check_device(name: str, t: torch.Tensor) -> None:
-    if t.device.type != "cuda" and not interpreting():
+def check_device(name: str, t: torch.Tensor, interpret: bool) -> None:
+    if t.device.type != "cuda" and not interpret:
         raise ValueError(f"{name} is on {t.device}: the Triton kernels need a CUDA tensor "
                          "(or TRITON_INTERPRET=1 for CPU tensors)")
 

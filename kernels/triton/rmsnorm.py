@@ -10,7 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check, check_device, next_pow2
+from ._common import FLOAT_DTYPES, interpreting, check, check_device, next_pow2
+
+
+# Decorated under Triton's CPU interpreter (TRITON_INTERPRET=1 when this module was imported).
+INTERPRET = interpreting()
 
 
 @triton.jit
@@ -37,7 +41,7 @@ def fused_add_rmsnorm(x, residual, weight, eps):
     """(y, residual_out) for x [T, N], residual [T, N] or None (then residual_out is x itself),
     weight [N]; y and residual_out are new tensors in x's dtype."""
     check("x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    check_device("x", x)
+    check_device("x", x, INTERPRET)
     T, N = x.shape
     if residual is not None:
         check("residual", residual, ndim=2, dtypes=FLOAT_DTYPES, shape=(T, N), device=x.device)

@@ -8,8 +8,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check, check_device, next_pow2
+from ._common import FLOAT_DTYPES, interpreting, check, check_device, next_pow2
 from .reference import rope_cos_sin_cache  # noqa: F401  (re-exported: the table is plain torch)
+
+
+# Decorated under Triton's CPU interpreter (TRITON_INTERPRET=1 when this module was imported).
+INTERPRET = interpreting()
 
 
 @triton.jit
@@ -40,7 +44,7 @@ def apply_rope_(q, k, positions, cos_sin_cache) -> None:
     """Rotate q [T, H, D] and k [T, KVH, D] in place (any token/head strides, e.g. views of
     one fused qkv tensor) at positions int64 [T], with cos_sin_cache fp32 [max_pos, D]."""
     check("q", q, ndim=3, dtypes=FLOAT_DTYPES)
-    check_device("q", q)
+    check_device("q", q, INTERPRET)
     T, H, D = q.shape
     dev = q.device
     check("k", k, ndim=3, dtypes=(q.dtype,), shape=(T, None, D), device=dev)

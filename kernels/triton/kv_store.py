@@ -6,7 +6,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check, check_device, next_pow2
+from ._common import FLOAT_DTYPES, interpreting, check, check_device, next_pow2
+
+
+# Decorated under Triton's CPU interpreter (TRITON_INTERPRET=1 when this module was imported).
+INTERPRET = interpreting()
 
 
 @triton.jit
@@ -28,7 +32,7 @@ def store_kv(k, v, k_cache, v_cache, slots) -> None:
     """k_cache[slots[t]] = k[t], v_cache[slots[t]] = v[t] for k, v [T, KVH, D] (any token/head
     strides), caches [S, KVH, D], slots int64 [T]; slot -1 leaves the caches untouched."""
     check("k", k, ndim=3, dtypes=FLOAT_DTYPES)
-    check_device("k", k)
+    check_device("k", k, INTERPRET)
     T, KVH, D = k.shape
     dev = k.device
     check("v", v, ndim=3, dtypes=FLOAT_DTYPES, shape=(T, KVH, D), device=dev)

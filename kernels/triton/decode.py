@@ -23,6 +23,10 @@ MIN_SPLIT_TOKENS = 256      # a split shorter than this costs more in stage 2 th
 MAX_SPLITS = 32
 
 
+# Decorated under Triton's CPU interpreter (TRITON_INTERPRET=1 when this module was imported).
+INTERPRET = interpreting()
+
+
 @triton.jit
 def _decode_stage1(Q, K, V, PT, SL, O, MID_O, MID_L,
                    stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_pt,
@@ -34,7 +38,7 @@ def _decode_stage1(Q, K, V, PT, SL, O, MID_O, MID_L,
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(SL + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = ((seq_len + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -107,7 +111,7 @@ def default_num_splits(batch: int, num_kv_heads: int, max_pages: int, page_size:
 def _config(head_dim: int):
     """(BLOCK_N, num_warps, num_stages). Small blocks under the interpreter so that CPU
     tests cover several blocks per split."""
-    if interpreting():
+    if INTERPRET:
         return 16, 1, 1
     return (64 if head_dim <= 128 else 32), 4, 2
 
@@ -118,7 +122,7 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, scale
     sequence, K/V read through page_table from the paged caches [S, KVH, D].
     block_n / num_warps / num_stages override the launch config (benchmarks)."""
     check("q", q, ndim=3, dtypes=FLOAT_DTYPES)
-    check_device("q", q)
+    check_device("q", q, INTERPRET)
     B, H, D = q.shape
     dev = q.device
     check("k_cache", k_cache, ndim=3, dtypes=(q.dtype,), shape=(None, None, D), device=dev)

@@ -18,6 +18,10 @@ from ._common import FLOAT_DTYPES, check, check_device, check_int, interpreting,
 LOG2E = 1.4426950408889634
 
 
+# Decorated under Triton's CPU interpreter (TRITON_INTERPRET=1 when this module was imported).
+INTERPRET = interpreting()
+
+
 @triton.jit
 def _attend_block(q, k_base, v_base, PT, n0, page_size, stride_ks, stride_vs, q_pos, kv_end,
                   m, l, acc, qk_scale, d_mask,
@@ -96,7 +100,7 @@ def _extend_kernel(Q, K, V, O, PT, QS, PL, SL,
 def _config(head_dim: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages); small blocks under the interpreter so that
     CPU tests cover the unmasked loop, the diagonal and several q blocks."""
-    if interpreting():
+    if INTERPRET:
         return 16, 16, 1, 1
     if head_dim <= 64:
         return 128, 64, 4, 3
@@ -112,7 +116,7 @@ def extend_attention(q, k_cache, v_cache, page_table, q_start, prefix_lens, seq_
     [0, prefix_lens[b] + i], K/V (new tokens' included) read through page_table.
     max_q_len (a host int, >= every sequence's new-token count) sizes the grid."""
     check("q", q, ndim=3, dtypes=FLOAT_DTYPES)
-    check_device("q", q)
+    check_device("q", q, INTERPRET)
     T, H, D = q.shape
     dev = q.device
     check("k_cache", k_cache, ndim=3, dtypes=(q.dtype,), shape=(None, None, D), device=dev)
