@@ -31,14 +31,14 @@ INTERPRET = interpreting()
 def _decode_stage1(Q, K, V, PT, SL, O, MID_O, MID_L,
                    stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_pt,
                    stride_ob, stride_oh, stride_mb, stride_mh, stride_ms,
-                   qk_scale, page_size,
+                   qk_scale, page_size, num_splits,
                    G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_D: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(SL + b)
-    split_len = ((seq_len + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    split_len = ((seq_len + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -73,7 +73,7 @@ def _decode_stage1(Q, K, V, PT, SL, O, MID_O, MID_L,
     nonempty = l > 0.0            # a split past the end of a short sequence holds nothing
     l_safe = tl.where(nonempty, l, 1.0)
     out = acc / l_safe[:, None]
-    if NUM_SPLITS == 1:
+    if DIRECT:          # one split: no merge pass
         tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
                  out.to(O.dtype.element_ty), mask=gd_mask)
     else:
@@ -83,17 +83,16 @@ def _decode_stage1(Q, K, V, PT, SL, O, MID_O, MID_L,
 
 
 @triton.jit
-def _decode_stage2(MID_O, MID_L, O, stride_mb, stride_mh, stride_ms, stride_ob, stride_oh,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   BLOCK_S: tl.constexpr):
+def _decode_stage2(MID_O, MID_L, O, stride_mb, stride_mh, stride_ms, stride_ob, stride_oh, num_splits,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     base = b * stride_mb + h * stride_mh + s * stride_ms
-    lse = tl.load(MID_L + base // BLOCK_D, mask=s < NUM_SPLITS, other=float("-inf"))
+    lse = tl.load(MID_L + base // BLOCK_D, mask=s < num_splits, other=float("-inf"))
     w = tl.exp2(lse - tl.max(lse, 0))        # split 0 is never empty (seq_len >= 1)
-    parts = tl.load(MID_O + base[:, None] + d[None, :], mask=(s < NUM_SPLITS)[:, None], other=0.0)
+    parts = tl.load(MID_O + base[:, None] + d[None, :], mask=(s < num_splits)[:, None], other=0.0)
     out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
     tl.store(O + b * stride_ob + h * stride_oh + d, out.to(O.dtype.element_ty), mask=d < D)
 
@@ -158,12 +157,12 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, scale
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), page_table.stride(0),
         out.stride(0), out.stride(1), *ms,
-        scale * LOG2E, page_size,
+        scale * LOG2E, page_size, splits,
         G=G, D=D, BLOCK_G=max(16, next_pow2(G)), BLOCK_N=bn, BLOCK_D=BLOCK_D,
-        NUM_SPLITS=splits, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DIRECT=splits == 1, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=warps, num_stages=stages)
     if splits > 1:
         _decode_stage2[(B, H)](
-            mid_o, mid_l, out, *ms, out.stride(0), out.stride(1),
-            D=D, BLOCK_D=BLOCK_D, NUM_SPLITS=splits, BLOCK_S=max(2, next_pow2(splits)), num_warps=4)
+            mid_o, mid_l, out, *ms, out.stride(0), out.stride(1), splits,
+            D=D, BLOCK_D=BLOCK_D, BLOCK_S=max(2, next_pow2(splits)), num_warps=4)
     return out
