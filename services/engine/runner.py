@@ -175,37 +175,36 @@ class Uploader:
     two, used in turn), copied non-blocking into one device buffer, viewed per name.
 
     A pinned buffer is rewritten only after the copy that last read it has finished
-    (its event), so a step that ends without a host sync cannot race the copy."""
+    (its event), so a step that ends without a host sync cannot race the copy.
+    On CPU (tests) the same packing runs with plain buffers."""
     ALIGN = 16
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.pinned = device.type == "cuda"
+        self.cuda = device.type == "cuda"
         self._host: list[torch.Tensor | None] = [None, None]
         self._events: list[torch.cuda.Event | None] = [None, None]
         self._dev: torch.Tensor | None = None
         self._turn = 0
 
     def upload(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        offsets, total = {}, 0
-        for name, a in arrays.items():
-            offsets[name] = total
+        offsets, total = [], 0
+        for a in arrays.values():
+            offsets.append(total)
             total += -(-a.nbytes // self.ALIGN) * self.ALIGN
-        if not self.pinned:          # CPU: the host arrays are the tensors
-            return {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in arrays.items()}
         host = self._host_buffer(total)
-        view = host.numpy()
-        for name, a in arrays.items():
-            view[offsets[name]:offsets[name] + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+        packed = host.numpy()
+        for off, a in zip(offsets, arrays.values()):
+            packed[off:off + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
         if self._dev is None or self._dev.numel() < total:
-            self._dev = torch.empty(max(total, 2 * (self._dev.numel() if self._dev is not None else 0)),
-                                    dtype=torch.uint8, device=self.device)
+            self._dev = torch.empty(_grow(self._dev, total), dtype=torch.uint8, device=self.device)
         self._dev[:total].copy_(host[:total], non_blocking=True)
-        ev = self._events[self._turn] = self._events[self._turn] or torch.cuda.Event()
-        ev.record()
+        if self.cuda:
+            ev = self._events[self._turn] = self._events[self._turn] or torch.cuda.Event()
+            ev.record()
         self._turn ^= 1
         return {name: self._dev[off:off + a.nbytes].view(_TORCH[a.dtype]).view(a.shape)
-                for (name, a), off in zip(arrays.items(), offsets.values())}
+                for (name, a), off in zip(arrays.items(), offsets)}
 
     def _host_buffer(self, nbytes: int) -> torch.Tensor:
         i = self._turn
@@ -213,9 +212,12 @@ class Uploader:
             self._events[i].synchronize()        # the copy that read this buffer is done
         buf = self._host[i]
         if buf is None or buf.numel() < nbytes:
-            buf = self._host[i] = torch.empty(max(nbytes, 2 * (buf.numel() if buf is not None else 0), 1 << 16),
-                                              dtype=torch.uint8, pin_memory=True)
+            buf = self._host[i] = torch.empty(_grow(buf, nbytes), dtype=torch.uint8, pin_memory=self.cuda)
         return buf
+
+
+def _grow(buf: torch.Tensor | None, nbytes: int) -> int:
+    return max(nbytes, 2 * (buf.numel() if buf is not None else 0), 1 << 16)
 
 
 _TORCH = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64}
