@@ -92,7 +92,8 @@ def _decode_stage2(MID_O, MID_L, O, stride_mb, stride_mh, stride_ms, stride_ob, 
     base = b * stride_mb + h * stride_mh + s * stride_ms
     lse = tl.load(MID_L + base // BLOCK_D, mask=s < num_splits, other=float("-inf"))
     w = tl.exp2(lse - tl.max(lse, 0))        # split 0 is never empty (seq_len >= 1)
-    parts = tl.load(MID_O + base[:, None] + d[None, :], mask=(s < num_splits)[:, None], other=0.0)
+    parts = tl.load(MID_O + base[:, None] + d[None, :], mask=(s < num_splits)[:, None] & (d < D)[None, :],
+                    other=0.0)
     out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
     tl.store(O + b * stride_ob + h * stride_oh + d, out.to(O.dtype.element_ty), mask=d < D)
 
