@@ -60,17 +60,18 @@ def available() -> bool:
 
 def can_pack(w: torch.Tensor) -> bool:
     return (w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.dim() == 2
-            and w.shape[0] % 4 == 0 and w.shape[1] % 32 == 0 and available())
+            and w.shape[0] % 16 == 0 and w.shape[1] % 2 == 0 and available())
 
 
 def pack_bf16(w: torch.Tensor) -> torch.Tensor:
-    """The layout gemv_bf16 streams: [N/4, K/32, 4, 32]."""
+    """The layout gemv_bf16 reads, for every M: panels of 48 output columns, each
+    [K/2, 48, 2] (the last one narrower); the tensor's shape [N/16, 16 K] only carries N and K."""
     return _ext().pack_bf16(w)
 
 
 def gemv_bf16(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ W[N, K]^T for small M with W packed by pack_bf16; bf16 in and out,
-    fp32 accumulation."""
+    """x [M, K] @ W[N, K]^T for small M (register tiles of 8 tokens x 48 columns) with W
+    packed by pack_bf16; bf16 in and out, fp32 accumulation."""
     return _ext().gemv_bf16(x, packed)
 
 

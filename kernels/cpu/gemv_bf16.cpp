@@ -1,38 +1,62 @@
 // Skinny bf16 matmul for CPU decode: out[M, N] = x[M, K] @ W[N, K]^T, M small.
 //
-// Decode reads every weight once per step, so it is bound by memory
-// bandwidth. The weight is packed once at load time as [N/4, K/32, 4, 32]:
-// each tile of 4 output rows is one sequential stream (the hardware
-// prefetcher follows one stream per thread far better than 4 interleaved
-// rows: 27 vs 16 GB/s on 2 Zen 4 cores, benchmarks/micro/cpu_gemv.py).
-// AVX-512 BF16 dot products (vdpbf16ps) accumulate in fp32; tiles of 4 rows
-// x 4 tokens; rows split across torch's threads.
+// One packed layout serves every M (weights are packed once at load time):
+// panels of 48 output columns, each panel one sequential stream of
+// [K/2, 48, 2] (the last panel narrower when 48 does not divide N). One zmm
+// load is 16 columns x 2 consecutive k, the operand vdpbf16ps multiplies
+// against a broadcast 32-bit pair (x[m, k], x[m, k+1]); so a register tile
+// of up to 8 tokens x 3 zmm columns (24 fp32 accumulators) needs no
+// horizontal reductions and reuses each weight load 8 times.
+//   M = 1-2: bound by streaming the weights (one sequential stream per
+//   panel, which the hardware prefetcher follows; ~25 GB/s on 2 Zen 4 cores).
+//   M >= 8: bound by vdpbf16ps (one zmm per cycle per core; ~220 GFLOP/s a
+//   core measured, benchmarks/results/cpu_gemv.md).
+// Panels are split across torch's threads.
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <ATen/Parallel.h>
+#include <cstring>
 
 namespace {
 
-constexpr int kRows = 4;   // weight rows per packed tile
-constexpr int kToks = 4;   // tokens (rows of x) per register tile
+constexpr int kNR = 3;              // zmm columns per panel
+constexpr int kPanel = kNR * 16;    // output columns per panel
+constexpr int kMR = 8;              // tokens per register tile
 
-template <int T>
-inline void tile(const at::BFloat16* x, const at::BFloat16* wt, at::BFloat16* out,
-                 int64_t K, int64_t N, int64_t n0, int64_t m0) {
-  __m512 acc[T][kRows];
-  for (int t = 0; t < T; ++t)
-    for (int r = 0; r < kRows; ++r) acc[t][r] = _mm512_setzero_ps();
-  for (int64_t kb = 0; kb < K / 32; ++kb) {
-    const at::BFloat16* p = wt + kb * kRows * 32;
-    __m512bh wv[kRows];
-    for (int r = 0; r < kRows; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(p + r * 32);
-    for (int t = 0; t < T; ++t) {
-      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (m0 + t) * K + kb * 32);
-      for (int r = 0; r < kRows; ++r) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], wv[r], xv);
+// out[t, 0:16*NR] = x[t, :] @ panel for t < MR; x rows as 32-bit k pairs (ldx pairs apart).
+template <int MR, int NR>
+inline void tile(const uint32_t* x, int64_t ldx, const at::BFloat16* w, int64_t KP, at::BFloat16* out,
+                 int64_t ldo) {
+  __m512 acc[MR][NR];
+  for (int t = 0; t < MR; ++t)
+    for (int j = 0; j < NR; ++j) acc[t][j] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < KP; ++kp) {
+    const at::BFloat16* p = w + kp * NR * 32;
+    __m512bh wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(p + j * 32);
+    for (int t = 0; t < MR; ++t) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(x[t * ldx + kp]);
+      for (int j = 0; j < NR; ++j) acc[t][j] = _mm512_dpbf16_ps(acc[t][j], wv[j], xb);
     }
   }
-  for (int t = 0; t < T; ++t)
-    for (int r = 0; r < kRows; ++r) out[(m0 + t) * N + n0 + r] = at::BFloat16(_mm512_reduce_add_ps(acc[t][r]));
+  for (int t = 0; t < MR; ++t)
+    for (int j = 0; j < NR; ++j)   // round to nearest even, as at::BFloat16(float)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + t * ldo + j * 16), (__m256i)_mm512_cvtneps_pbh(acc[t][j]));
+}
+
+template <int NR, int... MRs>
+inline void tail(int rows, const uint32_t* x, int64_t KP, const at::BFloat16* w, at::BFloat16* out, int64_t N,
+                 std::integer_sequence<int, MRs...>) {
+  ((rows == MRs + 1 ? tile<MRs + 1, NR>(x, KP, w, KP, out, N) : void()), ...);
+}
+
+// All M rows of x against one panel of NR * 16 columns (out points at its first column).
+template <int NR>
+void panel(const uint32_t* x, int64_t M, int64_t KP, const at::BFloat16* w, at::BFloat16* out, int64_t N) {
+  int64_t m = 0;
+  for (; m + kMR <= M; m += kMR) tile<kMR, NR>(x + m * KP, KP, w, KP, out + m * N, N);
+  if (m < M) tail<NR>(static_cast<int>(M - m), x + m * KP, KP, w, out + m * N, N,
+                      std::make_integer_sequence<int, kMR - 1>{});
 }
 
 }  // namespace
@@ -40,27 +64,37 @@ inline void tile(const at::BFloat16* x, const at::BFloat16* wt, at::BFloat16* ou
 torch::Tensor pack_bf16(torch::Tensor w) {
   TORCH_CHECK(w.dtype() == torch::kBFloat16 && w.dim() == 2, "pack_bf16: a bf16 [N, K] weight");
   const int64_t N = w.size(0), K = w.size(1);
-  TORCH_CHECK(N % kRows == 0 && K % 32 == 0, "pack_bf16: N must be a multiple of 4 and K of 32");
-  return w.contiguous().view({N / kRows, kRows, K / 32, 32}).transpose(1, 2).contiguous();
+  TORCH_CHECK(N % 16 == 0 && K % 2 == 0, "pack_bf16: N must be a multiple of 16 and K of 2");
+  auto wc = w.contiguous();
+  // Shape [N/16, 16 K] only carries N and K; the memory is the panels, in order.
+  auto out = torch::empty({N / 16, K * 16}, w.options());
+  auto* o = out.data_ptr<at::BFloat16>();
+  for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
+    const int64_t width = std::min<int64_t>(kPanel, N - n0);
+    auto p = wc.narrow(0, n0, width).view({width, K / 2, 2}).transpose(0, 1).contiguous();
+    std::memcpy(o + n0 * K, p.data_ptr<at::BFloat16>(), width * K * sizeof(at::BFloat16));
+  }
+  return out;
 }
 
 torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor packed) {
   TORCH_CHECK(x.dtype() == torch::kBFloat16 && packed.dtype() == torch::kBFloat16, "gemv_bf16: bf16 only");
-  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kRows && packed.size(3) == 32 && packed.is_contiguous(),
-              "gemv_bf16: weight must come from pack_bf16");
-  const int64_t M = x.size(0), K = packed.size(1) * 32, N = packed.size(0) * kRows;
+  TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous(), "gemv_bf16: weight must come from pack_bf16");
+  const int64_t M = x.size(0), K = packed.size(1) / 16, N = packed.size(0) * 16;
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.is_contiguous(), "gemv_bf16: x must be contiguous [M, K]");
   auto out = torch::empty({M, N}, x.options());
-  const auto* xp = x.data_ptr<at::BFloat16>();
+  const auto* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>());
   const auto* wp = packed.data_ptr<at::BFloat16>();
   auto* op = out.data_ptr<at::BFloat16>();
+  const int64_t KP = K / 2;
   // torch's own thread pool: a second OpenMP runtime would spin against it.
-  at::parallel_for(0, N / kRows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb) {
-      const at::BFloat16* wt = wp + nb * K * kRows;
-      int64_t m = 0;
-      for (; m + kToks <= M; m += kToks) tile<kToks>(xp, wt, op, K, N, nb * kRows, m);
-      for (; m < M; ++m) tile<1>(xp, wt, op, K, N, nb * kRows, m);
+  at::parallel_for(0, (N + kPanel - 1) / kPanel, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n0 = p * kPanel, width = std::min<int64_t>(kPanel, N - n0);
+      const at::BFloat16* w = wp + n0 * K;
+      if (width == kPanel) panel<kNR>(xp, M, KP, w, op + n0, N);
+      else if (width == 32) panel<2>(xp, M, KP, w, op + n0, N);
+      else panel<1>(xp, M, KP, w, op + n0, N);
     }
   });
   return out;
