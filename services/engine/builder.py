@@ -158,6 +158,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
              num_pages - 1, ps, (num_pages - 1) * ps, context_len, dtype, device, name)
     kv = KVManager(pool, ps, config.cache.enable_prefix_cache, config.cache.kv_events)
     backend = backend_cls(pool, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    backend.context_pages = -(-context_len // ps)
     runner = ModelRunner(model, backend, ps, device)
     if device.type == "cuda" and backend.graph_capturable and not config.disable_cuda_graph:
         max_bs = min(config.scheduler.max_running_requests, config.cuda_graph_max_bs)

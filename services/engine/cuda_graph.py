@@ -62,7 +62,8 @@ class DecodeGraphs:
 
     def _forward(self, bs: int) -> torch.Tensor:
         s = self.static
-        pb = PagedBatch(s["page_table"][:bs], s["seq_lens"][:bs], s["prefix_lens"][:bs], s["q_start"][:bs + 1], 1)
+        pb = PagedBatch(s["page_table"][:bs], s["seq_lens"][:bs], s["prefix_lens"][:bs], s["q_start"][:bs + 1], 1,
+                        num_decode=bs)
         ctx = ForwardContext(s["out_slots"][:bs], self.backend.build_paged(pb), self.backend)
         with forward_context(ctx):
             return self.model(s["input_ids"][:bs], s["positions"][:bs])

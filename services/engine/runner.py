@@ -118,6 +118,8 @@ class StepArrays:
     arrays: dict[str, np.ndarray]
     max_q_len: int
     all_sample: bool            # every row samples (a decode batch): no gather of sample_rows
+    num_decode: int = 0         # leading sequences with one new token
+    ext_max_q_len: int = 0      # most new tokens among the others
 
     @classmethod
     def build(cls, chunks: tuple[Chunk, ...], ps: int) -> "StepArrays":
@@ -142,13 +144,14 @@ class StepArrays:
         page_idx = positions // ps
         out_slots = table[rows, page_idx].astype(np.int64) * ps + (positions - page_idx * ps)
         sample = np.fromiter((c.sample for c in chunks), bool, B)
+        nd = B if T == B else int(np.argmax(ns != 1))
         arrays = {
             "input_ids": np.asarray(ids, np.int32), "positions": positions.astype(np.int64),
             "out_slots": out_slots, "page_table": table, "seq_lens": seq_lens.astype(np.int32),
             "prefix_lens": starts.astype(np.int32), "q_start": q_start.astype(np.int32),
-            "sample_rows": q_start[1:][sample] - 1,
+            "sample_rows": q_start[1:][sample] - 1, "ext_q_start": (q_start[nd:] - nd).astype(np.int32),
         }
-        return cls(arrays, int(ns.max()), bool(sample.all()) and T == B)
+        return cls(arrays, int(ns.max()), bool(sample.all()) and T == B, nd, int(ns[nd:].max(initial=0)))
 
     def padded(self, bs: int) -> "StepArrays":
         """A decode step padded to bs sequences: the extra rows write nowhere (slot -1),
@@ -163,11 +166,12 @@ class StepArrays:
                                                                      RESERVED_PAGE, np.int32)])
         out["q_start"] = np.arange(bs + 1, dtype=np.int32)
         out["sample_rows"] = a["sample_rows"]
-        return StepArrays(out, self.max_q_len, self.all_sample)
+        out["ext_q_start"] = np.zeros(1, np.int32)
+        return StepArrays(out, self.max_q_len, self.all_sample, bs, 0)
 
     def paged_batch(self, dev: dict[str, torch.Tensor]) -> PagedBatch:
         return PagedBatch(dev["page_table"], dev["seq_lens"], dev["prefix_lens"], dev["q_start"],
-                          self.max_q_len, host=self.arrays)
+                          self.max_q_len, self.arrays, self.num_decode, dev["ext_q_start"], self.ext_max_q_len)
 
 
 class Uploader:

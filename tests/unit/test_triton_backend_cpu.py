@@ -87,15 +87,17 @@ def test_step_arrays_mixed_batch():
     assert x["page_table"].tolist() == [[5, 9, 2], [3, 6, 4], [11, 0, 0]]
     assert x["seq_lens"].tolist() == [12, 9, 3] and x["prefix_lens"].tolist() == [11, 4, 0]
     assert x["q_start"].tolist() == [0, 1, 6, 9] and x["sample_rows"].tolist() == [0, 5]
+    assert s.num_decode == 1 and x["ext_q_start"].tolist() == [0, 5, 8] and s.ext_max_q_len == 5
     assert {k: v.dtype for k, v in x.items()} == {
         "input_ids": np.int32, "positions": np.int64, "out_slots": np.int64, "page_table": np.int32,
-        "seq_lens": np.int32, "prefix_lens": np.int32, "q_start": np.int32, "sample_rows": np.int64}
+        "seq_lens": np.int32, "prefix_lens": np.int32, "q_start": np.int32, "sample_rows": np.int64,
+        "ext_q_start": np.int32}
 
 
 def test_step_arrays_decode_padding():
     chunks = (Chunk(_req(5, [1], [3, 7]), 5, 1, True), Chunk(_req(2, [4], [9]), 2, 1, True))
     s = StepArrays.build(chunks, 4)
-    assert s.max_q_len == 1 and s.all_sample
+    assert s.max_q_len == 1 and s.all_sample and s.num_decode == 2
     p = s.padded(4).arrays
     assert p["out_slots"].tolist() == [7 * 4 + 1, 9 * 4 + 2, -1, -1]
     assert p["seq_lens"].tolist() == [6, 3, 1, 1] and p["page_table"].tolist() == [[3, 7], [9, 0], [0, 0], [0, 0]]

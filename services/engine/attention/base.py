@@ -47,6 +47,11 @@ class PagedBatch:
     q_start: torch.Tensor          # int32 [B + 1]: first row of each sequence's new tokens in [T]
     max_q_len: int                 # most new tokens of one sequence (1: a pure decode batch)
     host: dict[str, Any] = field(default_factory=dict)
+    # The first num_decode sequences have one new token each (the scheduler puts decodes
+    # first); ext_q_start [B - num_decode + 1] and ext_max_q_len describe the rest alone.
+    num_decode: int = 0
+    ext_q_start: torch.Tensor | None = None
+    ext_max_q_len: int = 0
 
     @property
     def is_decode(self) -> bool:

@@ -2,9 +2,11 @@
 
 Metadata is the runner's PagedBatch as is (page table, lengths, q offsets,
 uploaded once per step); per layer a forward is store_kv, then
-decode_attention for a pure decode batch (one new token per sequence) or
-extend_attention for anything else (prefill, extend, a decode row of a mixed
-batch is an extend of one token). No host syncs, so a decode forward can be
+decode_attention over the leading sequences that have one new token (all of
+a decode batch) and extend_attention over the rest (prefill and extend
+chunks). A decode row never goes through extend: that kernel's q blocks are
+128 rows and its programs are per q head, so a single row there would read
+its K/V once per head and waste the tensor cores on padding. No host syncs, so a decode forward can be
 captured in a CUDA graph (services/engine/cuda_graph.py).
 
 On a device without Triton (CPU tests) the same calls go to the kernels'
@@ -56,19 +58,31 @@ class TritonAttentionBackend(AttentionBackend):
         super().__init__(kv_pool, num_heads, num_kv_heads, head_dim)
         self.ops = kernel_ops(kv_pool.device)
         self.ps = kv_pool.page_size
+        # Decode splits the context by the longest one the engine allows, not the batch's: a
+        # captured graph (whose page table is that wide) and an eager forward of the same
+        # batch size then split alike, and give the same floats.
+        self.context_pages = kv_pool.num_pages
 
     def build_paged(self, batch: PagedBatch) -> TritonMeta:
-        return TritonMeta(batch)
+        if batch.num_decode == 0 or self.kv_pool.device.type != "cuda":
+            return TritonMeta(batch)
+        from kernels.triton.decode import default_num_splits
+        return TritonMeta(batch, default_num_splits(batch.num_decode, self.num_kv_heads, self.context_pages,
+                                                    self.ps, self.kv_pool.device))
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 out_slots: torch.Tensor, meta: TritonMeta) -> torch.Tensor:
         kc, vc = self.kv_pool.k_cache[layer], self.kv_pool.v_cache[layer]
         self.ops.store_kv(k, v, kc, vc, out_slots)
-        b = meta.batch
-        if b.is_decode:
+        b, nd = meta.batch, meta.batch.num_decode
+        if nd == b.seq_lens.shape[0]:
             o = self.ops.decode_attention(q, kc, vc, b.page_table, b.seq_lens, self.ps, self.scale,
                                           num_splits=meta.num_splits)
-        else:
-            o = self.ops.extend_attention(q, kc, vc, b.page_table, b.q_start, b.prefix_lens, b.seq_lens,
-                                          self.ps, self.scale, b.max_q_len)
+            return o.view(q.shape[0], -1)
+        o = torch.empty_like(q)
+        if nd:
+            self.ops.decode_attention(q[:nd], kc, vc, b.page_table[:nd], b.seq_lens[:nd], self.ps, self.scale,
+                                      out=o[:nd], num_splits=meta.num_splits)
+        self.ops.extend_attention(q[nd:], kc, vc, b.page_table[nd:], b.ext_q_start, b.prefix_lens[nd:],
+                                  b.seq_lens[nd:], self.ps, self.scale, b.ext_max_q_len, out=o[nd:])
         return o.view(q.shape[0], -1)
