@@ -3,10 +3,19 @@
     python benchmarks/offline.py --model smollm2-135m-instruct --num-prompts 64 \
         --input-len 256 --output-len 128 --baseline transformers
 
+    # GPU: HBM bandwidth and bf16 FLOP/s, batch-1 decode against its roofline and
+    # transformers, 1000 x 1024 -> 1024 throughput against its roofline, GPU idle share,
+    # and a batch sweep (JSON + plot in benchmarks/results/)
+    python benchmarks/offline.py --device cuda --load-format dummy --model llama-3.1-8b \
+        --batch1-tokens 256 --baseline transformers --num-prompts 1000 --input-len 1024 \
+        --output-len 1024 --profile-idle --batch-sweep 1,8,32,128,256
+
 Prompts are random token ids (seeded), generation ignores EOS so every
 request yields exactly --output-len tokens. The engine gets every request at
-once; the transformers baseline runs `generate` on static batches of
---baseline-batch-size. The last line printed is one JSON object.
+once. The transformers baseline runs `generate` on static batches of
+--baseline-batch-size on CPU; on GPU it is batch-1 decode (ms per token, the
+prompt's prefill left out). benchmarks/roofline.py defines the yardsticks.
+The last line printed is one JSON object.
 """
 from __future__ import annotations
 
@@ -24,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import roofline  # noqa: E402
 from services.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from services.engine.engine import Engine  # noqa: E402
 from services.engine.sampling_params import SamplingParams  # noqa: E402
@@ -48,15 +58,31 @@ def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(n)]
 
 
-def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress: bool) -> dict:
+def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress: bool,
+               profile_steps: int = 0) -> dict:
+    """Every prompt at once, to the end. With profile_steps, a torch profiler records that
+    many steps from the moment half the output tokens are out (steady state)."""
     params = SamplingParams(temperature=0.0, max_new_tokens=out_len, ignore_eos=True)
     t0 = time.perf_counter()
     rids = [engine.add_request(p, params) for p in prompts]
     first, last, count = {}, {}, 0
     total = len(prompts) * out_len
     bar = _bar(total, "engine", progress)
+    prof, profiled, idle = None, 0, {}
     while engine.has_unfinished():
-        outs = engine.step()
+        if profile_steps and prof is None and not idle and count >= total // 2:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                      torch.profiler.ProfilerActivity.CUDA])
+            prof.__enter__()
+        if prof is not None:
+            with torch.profiler.record_function("engine_step"):
+                outs = engine.step()
+            profiled += 1
+            if profiled == profile_steps or not engine.has_unfinished():
+                prof.__exit__(None, None, None)
+                idle, prof = roofline.gpu_idle_share(prof), None
+        else:
+            outs = engine.step()
         now = time.perf_counter()
         for o in outs:
             first.setdefault(o.rid, now)
@@ -69,7 +95,8 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress:
     tpot = [(last[r] - first[r]) / (out_len - 1) for r in rids] if out_len > 1 else [0.0]
     return {"wall_s": wall, "output_tokens": count, "output_tok_s": count / wall,
             "total_tok_s": (count + sum(map(len, prompts))) / wall,
-            "ttft_ms_median": 1e3 * statistics.median(ttft), "tpot_ms_median": 1e3 * statistics.median(tpot)}
+            "ttft_ms_median": 1e3 * statistics.median(ttft), "tpot_ms_median": 1e3 * statistics.median(tpot),
+            **idle}
 
 
 def run_transformers(engine: Engine, source_path, hf_config: dict, prompts, out_len: int, batch: int,
@@ -97,6 +124,99 @@ def run_transformers(engine: Engine, source_path, hf_config: dict, prompts, out_
             "baseline_ms_per_step": 1e3 * wall / (out_len * -(-len(prompts) // batch))}
 
 
+def transformers_batch1_gpu(source, input_len: int, out_len: int, vocab: int, seed: int) -> dict:
+    """ms per decoded token of transformers' generate at batch 1, bf16, on the GPU: the time
+    of out_len new tokens less the time of 1 (the prefill), over out_len - 1."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if source.load_format != "dummy":
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.bfloat16).cuda()
+    else:
+        hf = dict(source.hf_config)
+        cfg = AutoConfig.for_model(hf.pop("model_type"), **{k: v for k, v in hf.items() if k != "architectures"})
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.eval()
+    ids = torch.tensor(make_prompts(1, input_len, vocab, seed), device="cuda")
+
+    def gen(n: int) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+        torch.cuda.synchronize()
+        assert out.shape[1] - ids.shape[1] == n
+        return time.perf_counter() - t
+
+    gen(4)                                          # warm-up
+    t1, tn = gen(1), gen(out_len)
+    del model
+    torch.cuda.empty_cache()
+    return {"baseline": "transformers generate, batch 1, bf16", "baseline_input_len": input_len,
+            "baseline_output_len": out_len, "baseline_ms_per_token": 1e3 * (tn - t1) / (out_len - 1)}
+
+
+def batch1_decode(engine: Engine, input_len: int, out_len: int, vocab: int, seed: int, wbytes: int,
+                  hw: dict | None) -> dict:
+    r = run_engine(engine, make_prompts(1, input_len, vocab, seed + 7), out_len, False)
+    out = {"batch1_input_len": input_len, "batch1_output_len": out_len, "batch1_ms_per_token": r["tpot_ms_median"]}
+    if hw:
+        floor = wbytes / (hw["bandwidth_GBs"] * 1e9) * 1e3
+        out.update(batch1_roofline_ms=floor, batch1_roofline_pct=100 * floor / r["tpot_ms_median"])
+    return out
+
+
+def batch_sweep(engine: Engine, sizes: list[int], input_len: int, out_len: int, vocab: int, seed: int,
+                wbytes: int, hw: dict | None) -> list[dict]:
+    """Decode tok/s (batch / median time per output token) of `b` requests at once, and
+    the HBM roofline of decode steps of b sequences at their mean context."""
+    kvb = engine.model_config.kv_bytes_per_token(engine.kv.pool.dtype)
+    rows = []
+    for b in sizes:
+        _reset_cache(engine)
+        r = run_engine(engine, make_prompts(b, input_len, vocab, seed + b), out_len, False)
+        row = {"batch": b, "output_tok_s": r["output_tok_s"], "tpot_ms_median": r["tpot_ms_median"],
+               "decode_tok_s": b / (r["tpot_ms_median"] / 1e3)}
+        if hw:
+            row["roofline_decode_tok_s"] = roofline.decode_roofline_tok_s(
+                wbytes, kvb, b, input_len + out_len / 2, hw["bandwidth_GBs"] * 1e9)
+        rows.append(row)
+        print(f"batch {b}: decode {row['decode_tok_s']:.0f} tok/s"
+              + (f" (roofline {row['roofline_decode_tok_s']:.0f})" if hw else ""), file=sys.stderr)
+    return rows
+
+
+def plot_sweep(rows: list[dict], title: str, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return False
+    b = [r["batch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(b, [r["decode_tok_s"] for r in rows], "o-", label="Tandem decode (batch / TPOT)")
+    if "roofline_decode_tok_s" in rows[0]:
+        ax.plot(b, [r["roofline_decode_tok_s"] for r in rows], "--", color="gray",
+                label="HBM roofline (weights + KV per step)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch (requests decoding at once)")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def _reset_cache(engine: Engine) -> None:
+    if engine.kv.cache is not None:     # timed prompts must not hit an earlier run's prefix
+        engine.kv.cache.reset()
+
+
 def _bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="tok", disable=not enabled, file=sys.stderr)
@@ -116,6 +236,20 @@ def main() -> None:
     ap.add_argument("--chunked-prefill-size", type=int, default=2048)
     ap.add_argument("--max-total-tokens", type=int, default=None)
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--mem-fraction-static", type=float, default=CacheConfig.mem_fraction_static)
+    ap.add_argument("--disable-cuda-graph", action="store_true")
+    ap.add_argument("--cuda-graph-max-bs", type=int, default=EngineConfig.cuda_graph_max_bs)
+    ap.add_argument("--batch1-tokens", type=int, default=0,
+                    help="batch-1 decode: tokens generated after a --batch1-input-len prompt (0: skip)")
+    ap.add_argument("--batch1-input-len", type=int, default=128)
+    ap.add_argument("--profile-idle", action="store_true",
+                    help="torch profiler over --profile-steps steps of the throughput run: GPU idle share")
+    ap.add_argument("--profile-steps", type=int, default=50)
+    ap.add_argument("--batch-sweep", default="", help="comma-separated batch sizes (JSON + plot)")
+    ap.add_argument("--sweep-input-len", type=int, default=1024)
+    ap.add_argument("--sweep-output-len", type=int, default=128)
+    ap.add_argument("--results-dir", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--tag", default="", help="name of the files written to --results-dir")
     ap.add_argument("--baseline", choices=["transformers"], default=None)
     ap.add_argument("--baseline-batch-size", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=1, help="warm-up requests before timing")
@@ -125,40 +259,107 @@ def main() -> None:
     args = ap.parse_args()
     progress = not args.no_progress and os.environ.get("TANDEM_NO_PROGRESS") != "1"
 
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     cfg = EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
-                       attention_backend=args.attention_backend,
-                       cache=CacheConfig(page_size=args.page_size, max_total_tokens=args.max_total_tokens),
+                       attention_backend=args.attention_backend, disable_cuda_graph=args.disable_cuda_graph,
+                       cuda_graph_max_bs=args.cuda_graph_max_bs,
+                       cache=CacheConfig(page_size=args.page_size, max_total_tokens=args.max_total_tokens,
+                                         mem_fraction_static=args.mem_fraction_static),
                        scheduler=SchedulerConfig(max_running_requests=args.max_running_requests,
                                                  chunked_prefill_size=args.chunked_prefill_size))
+    result = {"bench": "offline", "model": args.model, "load_format": args.load_format}
+    hw = None
+    if cuda:
+        hw = {**roofline.measure_hbm(), **roofline.measure_matmul()}
+        print(f"HBM {hw['bandwidth_GBs']:.0f} GB/s (copy {hw['copy_bw_GBs']:.0f}, sum {hw['read_sum_bw_GBs']:.0f}), "
+              f"bf16 matmul {hw['bf16_TFLOPs']:.0f} TFLOP/s", file=sys.stderr)
+        result["hardware"] = hw
+    if args.baseline == "transformers" and cuda:       # before the engine takes the memory
+        from services.engine.loader import resolve_model
+        src = resolve_model(args.model, args.load_format)
+        result.update(transformers_batch1_gpu(src, args.batch1_input_len, args.batch1_tokens or 128,
+                                              src.model_config.vocab_size, args.seed))
     t = time.perf_counter()
     engine = Engine(cfg)
     load_s = time.perf_counter() - t
     vocab = engine.model_config.vocab_size
-    prompts = make_prompts(args.num_prompts, args.input_len, vocab, args.seed)
+    model = engine.runner.model
+    wbytes = roofline.weight_bytes(model)
+    result.update({"dtype": str(model.embed_tokens.weight.dtype).replace("torch.", ""),
+                   "device": str(engine.device), "attention_backend": type(engine.runner.backend).__name__,
+                   "cuda_graphs": engine.runner.graphs is not None, "weight_bytes": wbytes,
+                   "kv_pool_tokens": (engine.kv.allocator.num_pages - 1) * engine.kv.ps, "load_s": load_s})
     if args.warmup:
         run_engine(engine, make_prompts(args.warmup, args.input_len, vocab, args.seed + 1), 8, False)
-        if engine.kv.cache is not None:     # timed prompts must not hit the warm-up's prefix
-            engine.kv.cache.reset()
-    result = {"bench": "offline", "model": args.model, "load_format": args.load_format,
-              "dtype": str(engine.runner.model.embed_tokens.weight.dtype).replace("torch.", ""),
-              "device": str(engine.device), "num_prompts": args.num_prompts, "input_len": args.input_len,
-              "output_len": args.output_len, "load_s": load_s}
-    result.update(run_engine(engine, prompts, args.output_len, progress))
-    if args.baseline == "transformers":
-        from services.engine.loader import resolve_model
-        src = resolve_model(args.model, args.load_format)
-        path = src.path if src.load_format != "dummy" else None
-        result.update(run_transformers(engine, path, src.hf_config, prompts, args.output_len,
-                                       args.baseline_batch_size, engine.runner.model.embed_tokens.weight.dtype,
-                                       engine.device, progress))
-        result["ratio"] = result["output_tok_s"] / result["baseline_output_tok_s"]
+        _reset_cache(engine)
+    if args.batch1_tokens:
+        result.update(batch1_decode(engine, args.batch1_input_len, args.batch1_tokens, vocab, args.seed,
+                                    wbytes, hw))
+        if "baseline_ms_per_token" in result:
+            result["batch1_speedup_vs_transformers"] = result["baseline_ms_per_token"] / result["batch1_ms_per_token"]
+        _report_batch1(result)
+        _reset_cache(engine)
+    if args.num_prompts:
+        prompts = make_prompts(args.num_prompts, args.input_len, vocab, args.seed)
+        result.update({"num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len})
+        result.update(run_engine(engine, prompts, args.output_len, progress,
+                                 args.profile_steps if args.profile_idle and cuda else 0))
+        if hw:
+            mc = engine.model_config
+            batch = min(args.max_running_requests,
+                        result["kv_pool_tokens"] // (args.input_len + args.output_len))
+            result.update(roofline.throughput_roofline(mc, wbytes, mc.kv_bytes_per_token(engine.kv.pool.dtype),
+                                                       args.num_prompts, args.input_len, args.output_len,
+                                                       batch, hw))
+        _report_throughput(result)
+        if args.baseline == "transformers" and not cuda:
+            from services.engine.loader import resolve_model
+            src = resolve_model(args.model, args.load_format)
+            path = src.path if src.load_format != "dummy" else None
+            result.update(run_transformers(engine, path, src.hf_config, prompts, args.output_len,
+                                           args.baseline_batch_size, model.embed_tokens.weight.dtype,
+                                           engine.device, progress))
+            result["ratio"] = result["output_tok_s"] / result["baseline_output_tok_s"]
     result["machine"] = machine()
     result["command"] = " ".join(["python"] + sys.argv)
+    results = Path(args.results_dir)
+    tag = args.tag or f"offline_{Path(args.model).name}_{'gpu' if cuda else 'cpu'}"
+    if args.batch_sweep:
+        sizes = [int(x) for x in args.batch_sweep.split(",")]
+        result["sweep"] = batch_sweep(engine, sizes, args.sweep_input_len, args.sweep_output_len, vocab,
+                                      args.seed, wbytes, hw)
+        results.mkdir(parents=True, exist_ok=True)
+        gpu = result["machine"].get("gpu", "CPU")
+        title = (f"{args.model} (dummy bf16) on {gpu}: {args.sweep_input_len} -> {args.sweep_output_len} tokens"
+                 if cuda else f"{args.model}: {args.sweep_input_len} -> {args.sweep_output_len} tokens")
+        if plot_sweep(result["sweep"], title, results / f"{tag}_sweep.png"):
+            result["sweep_plot"] = str(results / f"{tag}_sweep.png")
     line = json.dumps(result)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(line + "\n")
+    out = args.out or (str(results / f"{tag}.json") if cuda else None)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(line + "\n")
     print(line)
+
+
+def _report_batch1(r: dict) -> None:
+    msg = f"batch-1 decode: {r['batch1_ms_per_token']:.2f} ms/token"
+    if "batch1_roofline_ms" in r:
+        msg += f"; roofline {r['batch1_roofline_ms']:.2f} ms (weights / bandwidth): {r['batch1_roofline_pct']:.0f}%"
+    if "baseline_ms_per_token" in r:
+        msg += f"; transformers {r['baseline_ms_per_token']:.1f} ms/token"
+    print(msg, file=sys.stderr)
+
+
+def _report_throughput(r: dict) -> None:
+    msg = f"throughput: {r['output_tok_s']:.0f} output tok/s ({r['wall_s']:.1f} s)"
+    if "roofline_tok_s_serial" in r:
+        msg += (f"; roofline {r['roofline_tok_s_serial']:.0f} (prefill {r['roofline_prefill_s']:.1f} s + decode "
+                f"{r['roofline_decode_s']:.1f} s at batch {r['roofline_batch']}) to "
+                f"{r['roofline_tok_s_overlapped']:.0f} (prefill hidden)")
+    if "gpu_idle_share" in r:
+        msg += f"; GPU idle {100 * r['gpu_idle_share']:.1f}% over {r['profiled_steps']} steps"
+    print(msg, file=sys.stderr)
 
 
 if __name__ == "__main__":

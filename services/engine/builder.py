@@ -100,14 +100,14 @@ def kv_pool_pages(config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, de
 
 
 def activation_reserve(config: EngineConfig, cfg: ModelConfig, model: torch.nn.Module, backend_cls,
-                       dtype: torch.dtype, device: torch.device) -> int:
+                       dtype: torch.dtype, device: torch.device, max_len: int) -> int:
     """GPU bytes to keep free beside the KV pool, measured: the peak of a forward of the
     largest step (max(chunked_prefill_size, max_running_requests) tokens of one sequence)
     over a scratch pool, plus the sampler's fp32 logits copies of the largest batch, plus
     as much again for the CUDA graphs' pool (decode activations, far smaller), plus a
     fixed margin for allocator fragmentation and library workspaces."""
     sc, ps = config.scheduler, config.cache.page_size
-    tokens = max(sc.chunked_prefill_size, sc.max_running_requests)
+    tokens = min(max(sc.chunked_prefill_size, sc.max_running_requests), max_len - 1)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
@@ -150,7 +150,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     backend_cls = get_backend(name)
     reserve = 0
     if device.type == "cuda" and not config.cache.max_total_tokens:
-        reserve = activation_reserve(config, cfg, model, backend_cls, dtype, device)
+        reserve = activation_reserve(config, cfg, model, backend_cls, dtype, device, max_len)
     num_pages = kv_pool_pages(config, cfg, dtype, device, reserve)
     pool = KVPool(num_pages, ps, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype, device)
     context_len = min(max_len, (num_pages - 1) * ps)
