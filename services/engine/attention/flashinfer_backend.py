@@ -44,7 +44,11 @@ class FlashInferAttentionBackend(AttentionBackend):
 
     def __init__(self, kv_pool, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__(kv_pool, num_heads, num_kv_heads, head_dim)
-        import flashinfer       # ImportError names the missing package
+        try:
+            import flashinfer
+        except ImportError as e:
+            raise ImportError("attention_backend 'flashinfer' needs the flashinfer package "
+                              f"(pip install flashinfer-python): {e}") from e
         dev = kv_pool.device
         ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
