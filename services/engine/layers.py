@@ -16,9 +16,11 @@ import torch.nn.functional as F
 
 from kernels import cpu as cpu_kernels
 
-# Up to this many tokens, a CPU bf16 matmul is bound by reading the weights
-# and the streaming kernel beats oneDNN's GEMM (benchmarks/micro/cpu_gemv.py).
-GEMV_MAX_TOKENS = 64
+# Up to this many tokens the packed CPU kernel (register-blocked, ~330-400
+# GFLOP/s on 2 Zen 4 cores from M = 16) beats oneDNN's GEMM on the plain
+# weight (1.1-1.8x at M = 64-128 on SmolLM2's shapes, cold weights,
+# benchmarks/results/cpu_gemv.md); prefill chunks above it keep oneDNN.
+GEMV_MAX_TOKENS = 128
 
 
 def fused_cpu(x: torch.Tensor) -> bool:
