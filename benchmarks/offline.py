@@ -168,20 +168,45 @@ def batch1_decode(engine: Engine, input_len: int, out_len: int, vocab: int, seed
 
 def batch_sweep(engine: Engine, sizes: list[int], input_len: int, out_len: int, vocab: int, seed: int,
                 wbytes: int, hw: dict | None) -> list[dict]:
-    """Decode tok/s (batch / median time per output token) of `b` requests at once, and
-    the HBM roofline of decode steps of b sequences at their mean context."""
+    """Decode tok/s of `b` requests decoding together: the b prompts are prefilled first
+    (untimed), then `out_len` steps in which every request decodes are timed, so no mixed
+    prefill + decode step counts; the requests are then aborted. Beside it, the HBM
+    roofline of decode steps of b sequences at their mean context."""
     kvb = engine.model_config.kv_bytes_per_token(engine.kv.pool.dtype)
+    cuda = engine.device.type == "cuda"
+    chunk = engine.config.scheduler.chunked_prefill_size
     rows = []
     for b in sizes:
+        if b > engine.config.scheduler.max_running_requests:
+            print(f"batch {b}: over --max-running-requests, skipped", file=sys.stderr)
+            continue
         _reset_cache(engine)
-        r = run_engine(engine, make_prompts(b, input_len, vocab, seed + b), out_len, False)
-        row = {"batch": b, "output_tok_s": r["output_tok_s"], "tpot_ms_median": r["tpot_ms_median"],
-               "decode_tok_s": b / (r["tpot_ms_median"] / 1e3)}
+        # enough tokens to outlast the prefill of the others and the timed steps
+        prefill_steps = b + b * input_len // max(1, chunk - b) + 2
+        params = SamplingParams(temperature=0.0, max_new_tokens=out_len + prefill_steps + 2, ignore_eos=True)
+        rids = [engine.add_request(p, params) for p in make_prompts(b, input_len, vocab, seed + b)]
+        started: set[str] = set()
+        while len(started) < b:
+            started.update(o.rid for o in engine.step())
+        engine.step()                                # the lagging output of the last prefill (overlap)
+        if cuda:
+            torch.cuda.synchronize()
+        t0, count = time.perf_counter(), 0
+        for _ in range(out_len):
+            count += len(engine.step())
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        for rid in rids:
+            engine.abort(rid)
+        while engine.has_unfinished():
+            engine.step()
+        row = {"batch": b, "decode_tok_s": count / dt, "step_ms": 1e3 * dt / out_len, "decode_steps": out_len}
         if hw:
             row["roofline_decode_tok_s"] = roofline.decode_roofline_tok_s(
-                wbytes, kvb, b, input_len + out_len / 2, hw["bandwidth_GBs"] * 1e9)
+                wbytes, kvb, b, input_len + prefill_steps / 2 + out_len / 2, hw["bandwidth_GBs"] * 1e9)
         rows.append(row)
-        print(f"batch {b}: decode {row['decode_tok_s']:.0f} tok/s"
+        print(f"batch {b}: decode {row['decode_tok_s']:.0f} tok/s ({row['step_ms']:.2f} ms/step)"
               + (f" (roofline {row['roofline_decode_tok_s']:.0f})" if hw else ""), file=sys.stderr)
     return rows
 
@@ -196,7 +221,7 @@ def plot_sweep(rows: list[dict], title: str, path: Path) -> bool:
         return False
     b = [r["batch"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(b, [r["decode_tok_s"] for r in rows], "o-", label="Tandem decode (batch / TPOT)")
+    ax.plot(b, [r["decode_tok_s"] for r in rows], "o-", label="Tandem decode (pure decode steps)")
     if "roofline_decode_tok_s" in rows[0]:
         ax.plot(b, [r["roofline_decode_tok_s"] for r in rows], "--", color="gray",
                 label="HBM roofline (weights + KV per step)")
@@ -239,6 +264,8 @@ def main() -> None:
     ap.add_argument("--mem-fraction-static", type=float, default=CacheConfig.mem_fraction_static)
     ap.add_argument("--disable-cuda-graph", action="store_true")
     ap.add_argument("--cuda-graph-max-bs", type=int, default=EngineConfig.cuda_graph_max_bs)
+    ap.add_argument("--disable-overlap", action="store_true",
+                    help="CUDA: read each step's ids back before scheduling the next")
     ap.add_argument("--batch1-tokens", type=int, default=0,
                     help="batch-1 decode: tokens generated after a --batch1-input-len prompt (0: skip)")
     ap.add_argument("--batch1-input-len", type=int, default=128)
@@ -252,7 +279,9 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="name of the files written to --results-dir")
     ap.add_argument("--baseline", choices=["transformers"], default=None)
     ap.add_argument("--baseline-batch-size", type=int, default=16)
-    ap.add_argument("--warmup", type=int, default=1, help="warm-up requests before timing")
+    ap.add_argument("--warmup", type=int, default=8,
+                    help="warm-up requests before timing (several, so that mixed prefill + decode steps "
+                         "compile their Triton kernels before the clock starts)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="also write the JSON result to this file")
     ap.add_argument("--no-progress", action="store_true")
@@ -262,7 +291,7 @@ def main() -> None:
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     cfg = EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
                        attention_backend=args.attention_backend, disable_cuda_graph=args.disable_cuda_graph,
-                       cuda_graph_max_bs=args.cuda_graph_max_bs,
+                       cuda_graph_max_bs=args.cuda_graph_max_bs, disable_overlap=args.disable_overlap,
                        cache=CacheConfig(page_size=args.page_size, max_total_tokens=args.max_total_tokens,
                                          mem_fraction_static=args.mem_fraction_static),
                        scheduler=SchedulerConfig(max_running_requests=args.max_running_requests,
@@ -287,7 +316,8 @@ def main() -> None:
     wbytes = roofline.weight_bytes(model)
     result.update({"dtype": str(model.embed_tokens.weight.dtype).replace("torch.", ""),
                    "device": str(engine.device), "attention_backend": type(engine.runner.backend).__name__,
-                   "cuda_graphs": engine.runner.graphs is not None, "weight_bytes": wbytes,
+                   "cuda_graphs": engine.runner.graphs is not None, "overlap": engine.executor.overlap,
+                   "weight_bytes": wbytes,
                    "kv_pool_tokens": (engine.kv.allocator.num_pages - 1) * engine.kv.ps, "load_s": load_s})
     if args.warmup:
         run_engine(engine, make_prompts(args.warmup, args.input_len, vocab, args.seed + 1), 8, False)

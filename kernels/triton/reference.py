@@ -31,11 +31,14 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, scale
     max_len = max(int(seq_lens.max()), 1)
     pos = torch.arange(max_len, device=q.device).expand(B, max_len)
     slots = _slots(page_table, pos, page_size)                          # [B, N]
-    k = k_cache[slots].float()                                          # [B, N, KVH, D]
-    v = v_cache[slots].float()
+    valid = pos < seq_lens.long()[:, None]                              # [B, N]
+    # Slots past a sequence's end may never have been written (garbage, NaN): mask the
+    # loads as the kernel does, not only the scores, or 0 * NaN reaches the output.
+    keep = valid[:, :, None, None]
+    k = k_cache[slots].float().masked_fill(~keep, 0.0)                  # [B, N, KVH, D]
+    v = v_cache[slots].float().masked_fill(~keep, 0.0)
     qg = q.float().view(B, KVH, H // KVH, D)
     s = torch.einsum("bkgd,bnkd->bkgn", qg, k) * scale
-    valid = pos < seq_lens.long()[:, None]                              # [B, N]
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
     o = torch.einsum("bkgn,bnkd->bkgd", s.softmax(-1), v).reshape(B, H, D)
     return _into(o, q.dtype, out)

@@ -39,6 +39,7 @@ class EngineParts:
     sampler: Sampler
     context_len: int
     eos_token_ids: tuple[int, ...]
+    overlap: bool = False               # host one step ahead of the device (overlap.py)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -171,4 +172,5 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         runner=runner,
         sampler=Sampler(seed=config.seed),
         context_len=context_len, eos_token_ids=eos,
+        overlap=device.type == "cuda" and not config.disable_overlap,
     )

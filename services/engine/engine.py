@@ -3,6 +3,11 @@
 Requests come in as token ids with SamplingParams; each step yields the new
 tokens of every request that sampled. `generate` (batches) and `stream` (one
 request) are thin loops over step() for offline use.
+
+On CUDA the executor overlaps (overlap.py): run() launches step N and
+postprocess() reads back step N-1, so outputs lag the launches by one step.
+A request's state moves at launch (num_computed, a placeholder for the token
+being sampled) and its token lands at postprocess.
 """
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ from typing import Iterator, Sequence
 import torch
 
 from .config import EngineConfig
-from .request import Request
+from .overlap import LaunchedStep, StepExecutor
+from .request import Request, Status
 from .sampler import SamplingBatch, SamplingInput
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch
@@ -56,6 +62,7 @@ class Engine:
         self.kv, self.scheduler, self.runner, self.sampler = p.kv, p.scheduler, p.runner, p.sampler
         self.context_len = p.context_len
         self.eos_token_ids = p.eos_token_ids
+        self.executor = StepExecutor(self.runner, self.sampler, overlap=p.overlap)
         self._requests: dict[str, Request] = {}
         self._reserved: dict[str, Request] = {}     # decode role: waiting for their KV
         self._ids = itertools.count()
@@ -83,7 +90,9 @@ class Engine:
         rid = rid if rid is not None else f"req-{next(self._ids)}"
         if rid in self._requests or rid in self._reserved:
             raise EngineError(f"rid {rid!r} is already in use")
-        return Request(rid, list(prompt_ids), params, self.eos_token_ids)
+        req = Request(rid, list(prompt_ids), params, self.eos_token_ids)
+        req.max_seq_len = min(len(req.prompt_ids) + params.max_new_tokens, self.context_len)
+        return req
 
     # -- decode role: a prompt prefilled elsewhere ---------------------------------------------
     # reserve() -> write_kv()* -> activate() (or abort()). Between reserve and activate the
@@ -120,7 +129,8 @@ class Engine:
         self.kv.cache_prefix(req)
         self.scheduler.add_running(req)
         self._requests[rid] = req
-        return self._append(req, first_token, logprob, top_logprobs)
+        req.output_ids.append(first_token)
+        return self._emit(req, len(req.output_ids) - 1, first_token, logprob, top_logprobs)
 
     def _check_prompt(self, prompt_ids: Sequence[int]) -> None:
         if len(prompt_ids) == 0:
@@ -144,11 +154,12 @@ class Engine:
             req.finish_reason = "abort"
             return True
         self.scheduler.remove(req, keep=False)
+        self.runner.forget(req)
         req.finish_reason = "abort"
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.executor.busy
 
     def load(self) -> tuple[int, int, float]:
         """(running, waiting, fraction of KV pages in use, cache included)."""
@@ -159,54 +170,75 @@ class Engine:
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         batch = self.scheduler.schedule()
-        if batch is None:
-            return []
-        logits = self.runner.run(batch)
-        return self._postprocess(batch, logits)
+        if batch is not None:
+            self._advance(batch, self.executor.run(batch, self._sampling_batch(batch)))
+        return self._postprocess(self.executor.collect())
 
-    def _postprocess(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[StepOutput]:
+    def _sampling_batch(self, batch: ScheduledBatch) -> SamplingBatch | None:
         sampling = [c.req for c in batch.chunks if c.sample]
+        if not sampling:
+            return None
+        inputs = [SamplingInput(r.params, r.prompt_ids, r.output_ids, r.eos_token_ids) for r in sampling]
+        return SamplingBatch.build(inputs, self.model_config.vocab_size, self.device, self.executor.resolve)
+
+    def _advance(self, batch: ScheduledBatch, placeholders: list[int]) -> None:
+        """What the launched step will have done: its positions are computed, and each
+        sampling request holds a placeholder for its new token (at index
+        chunk.start + chunk.n - len(prompt) of output_ids) until postprocess."""
         for c in batch.chunks:
             c.req.num_computed = c.start + c.n
-            if c.n > 1:
-                self.kv.cache_prefix(c.req)
-        if not sampling:
+        for c, tok in zip((c for c in batch.chunks if c.sample), placeholders):
+            c.req.output_ids.append(tok)
+
+    def _postprocess(self, step: LaunchedStep | None) -> list[StepOutput]:
+        if step is None:
             return []
-        inputs = [SamplingInput(r.params, r.prompt_ids, r.output_ids, r.eos_token_ids) for r in sampling]
-        out = self.sampler(logits, SamplingBatch.build(inputs, self.model_config.vocab_size, logits.device))
+        out = step.result()
+        sampled = [c for c in step.batch.chunks if c.sample]
+        for i, c in enumerate(sampled):
+            if c.req.status is not Status.FINISHED:     # else it ended a step earlier: drop the extra token
+                c.req.output_ids[c.start + c.n - len(c.req.prompt_ids)] = out.token_ids[i]
+        for c in step.batch.chunks:
+            if c.n > 1 and c.req.status is Status.RUNNING:
+                self.kv.cache_prefix(c.req)
         results = []
-        for i, req in enumerate(sampling):
-            results.append(self._append(req, out.token_ids[i],
-                                        out.logprobs[i] if out.logprobs else None,
-                                        out.top_logprobs[i] if out.top_logprobs else None))
+        for i, c in enumerate(sampled):
+            if c.req.status is not Status.FINISHED:
+                results.append(self._emit(c.req, c.start + c.n - len(c.req.prompt_ids), out.token_ids[i],
+                                          out.logprobs[i] if out.logprobs else None,
+                                          out.top_logprobs[i] if out.top_logprobs else None))
         return results
 
-    def _append(self, req: Request, tok: int, lp: float | None, top) -> StepOutput:
-        req.output_ids.append(tok)
+    def _emit(self, req: Request, idx: int, tok: int, lp: float | None, top) -> StepOutput:
+        """Output token idx (already in output_ids) is known: record it, finish the request
+        if it ends here (dropping a token launched after it)."""
         if req.params.logprobs:
             req.output_logprobs.append(lp)
             if req.params.top_logprobs:
                 req.output_top_logprobs.append(top or [])
-        reason = self._finish_reason(req, tok)
+        reason = self._finish_reason(req, tok, idx + 1)
         kv = None
         if reason is not None:
+            del req.output_ids[idx + 1:]
+            req.num_computed = min(req.num_computed, req.seq_len - 1)
             if req.export_kv_from is not None:
                 kv = self.kv.pool.gather(self.runner.slots(req.pages, len(req.prompt_ids))[req.export_kv_from:])
             req.finish_reason = reason
             self.scheduler.remove(req, keep=True)
+            self.runner.forget(req)
             self._requests.pop(req.rid, None)
         return StepOutput(req.rid, [tok], reason is not None, reason,
                           [lp] if req.params.logprobs else None,
                           [top or []] if req.params.top_logprobs else None,
                           req.num_cached_prompt, kv)
 
-    def _finish_reason(self, req: Request, tok: int) -> str | None:
+    def _finish_reason(self, req: Request, tok: int, n: int) -> str | None:
+        """Why the request ends with its n-th output token `tok`, or None."""
         p = req.params
-        n = len(req.output_ids)
         if n >= p.min_new_tokens:
             if tok in p.stop_token_ids or (not p.ignore_eos and tok in req.eos_token_ids):
                 return "stop"
-        if n >= p.max_new_tokens or req.seq_len >= self.context_len:
+        if len(req.prompt_ids) + n >= req.max_seq_len:
             return "length"
         return None
 

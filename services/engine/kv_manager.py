@@ -42,6 +42,7 @@ class KVManager:
         m = self.cache.match_prefix(req.all_ids[:-1])
         self.cache.lock(m.node)
         req.cache_node, req.pages = m.node, list(m.pages)
+        req.page_table_synced = 0
         req.num_computed = req.cached_len = m.num_tokens
 
     def ensure_pages(self, req: Request, upto: int) -> bool:
@@ -69,6 +70,8 @@ class KVManager:
         self.cache.lock(res.node)
         self.cache.unlock(req.cache_node)
         req.pages[:len(res.tree_pages)] = res.tree_pages    # repoint before the duplicates are reused
+        if res.duplicates:
+            req.page_table_synced = 0                         # the device row must be rewritten
         self.allocator.free(res.duplicates)
         req.cache_node, req.cached_len = res.node, len(res.tree_pages) * self.ps
 
@@ -82,6 +85,7 @@ class KVManager:
         own = req.pages[req.cached_len // self.ps:] if self.cache is not None else req.pages
         self.allocator.free(own)
         req.pages, req.cache_node = [], None
+        req.page_table_synced = 0
         req.num_computed = req.cached_len = 0
 
     def check_integrity(self) -> None:

@@ -39,6 +39,12 @@ class Request:
     # Prefill role: when the request finishes, copy out the KV of prompt
     # positions [export_kv_from, len(prompt_ids)) for a decode worker.
     export_kv_from: int | None = None
+    # Length at which it finishes ("length"): prompt + max_new_tokens, capped by the context.
+    max_seq_len: int = 2**62
+    # Paged runners: the request's row of the device page table (page_table.py) and how many
+    # of `pages` that row holds. KVManager zeroes page_table_synced when it replaces pages.
+    page_table_row: int = -1
+    page_table_synced: int = 0
 
     @property
     def all_ids(self) -> list[int]:
@@ -52,6 +58,11 @@ class Request:
     def num_pending(self) -> int:
         """Tokens that still need a forward before the next sample."""
         return self.seq_len - self.num_computed
+
+    @property
+    def reached_max_len(self) -> bool:
+        """Its newest token (sampled, perhaps not yet read back) ends it by length."""
+        return self.seq_len >= self.max_seq_len
 
     @property
     def is_decoding(self) -> bool:

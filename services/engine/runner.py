@@ -5,10 +5,15 @@ The only place that knows both the scheduler's plain data and tensors.
 Two ways in, by backend kind (attention/base.py):
 - per-sequence backends (torch, cpu) get SeqSpecs with slot tensors;
 - paged backends (triton, flashinfer) get a PagedBatch. Everything a step
-  needs (ids, positions, slots, page table, lengths) is built with numpy,
-  packed into one pinned host buffer and copied to the device in one
-  non-blocking copy; the forward then never waits for the host. Decode
-  batches replay a CUDA graph when one is captured (cuda_graph.py).
+  needs (ids, positions, slots, lengths, the page-table rows and the pages
+  the requests gained) is built with numpy, packed into one pinned host
+  buffer and copied to the device in one non-blocking copy; the page table
+  itself lives on the device (page_table.py) and is only patched. The
+  forward then never waits for the host. Decode batches replay a CUDA graph
+  when one is captured (cuda_graph.py).
+
+Input ids may be placeholders (< 0) of tokens sampled by the previous step and
+not yet read back (overlap.py): `futures.resolve` swaps them on the device.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import torch
 from .attention.base import AttentionBackend, PagedBatch, SeqSpec
 from .forward_context import ForwardContext, forward_context
 from .kv_pool import RESERVED_PAGE, slot_tensor
+from .overlap import FutureTokens
+from .page_table import PAD_ROW, PageTable
 from .request import Request
 from .scheduler import Chunk, ScheduledBatch
 
@@ -42,12 +49,18 @@ class ModelRunner:
         self.ps = page_size
         self.device = device
         self.uploader = Uploader(device)
+        self.page_table = PageTable(device)
+        self.futures = FutureTokens(device)
         self.graphs = None          # cuda_graph.DecodeGraphs, set by the builder after capture
 
     def slots(self, pages: list[int], length: int) -> torch.Tensor:
         """KV slots of positions [0, length) of a sequence with these pages (CPU tensor)."""
         table = torch.tensor(pages[:-(-length // self.ps)], dtype=torch.int64)
         return slot_tensor(table, torch.arange(length), self.ps)
+
+    def forget(self, req: Request) -> None:
+        """The request left the engine: its page-table row is free."""
+        self.page_table.release(req)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -58,12 +71,16 @@ class ModelRunner:
 
     # -- paged backends: one upload, optional CUDA graph -----------------------------------------
     def _run_paged(self, chunks: tuple[Chunk, ...]) -> torch.Tensor:
-        step = StepArrays.build(chunks, self.ps)
+        step = StepArrays.build(chunks, self.ps, self.page_table, self.backend.host_page_table)
         B = len(chunks)
         bucket = self.graphs.bucket(B) if self.graphs is not None and step.max_q_len == 1 else None
         if bucket is not None:
             step = step.padded(bucket)
         dev = self.uploader.upload(step.arrays)
+        self.page_table.apply(dev["pt_index"], dev["pt_pages"])
+        dev["page_table"] = self.page_table.gather(dev["rows"], step.width)
+        if step.has_futures:
+            dev["input_ids"] = self.futures.resolve(dev["input_ids"])
         if bucket is not None:
             logits = self.graphs.replay(dev, B)
         else:
@@ -93,6 +110,8 @@ class ModelRunner:
                 last_rows.append(row - 1)
         dev = self.device
         input_ids = torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True)
+        if min(ids) < 0:
+            input_ids = self.futures.resolve(input_ids)
         pos = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
         ctx = ForwardContext(
             out_slots=torch.cat(out_slots).to(dev, non_blocking=True),
@@ -111,67 +130,96 @@ class ModelRunner:
 class StepArrays:
     """A step's inputs as host arrays (numpy), in the layout the device gets them.
 
-    input_ids int32 [T], positions int64 [T], out_slots int64 [T] (-1: write
-    nothing), page_table int32 [B, P] (page 0 past a sequence's end),
-    seq_lens / prefix_lens int32 [B], q_start int32 [B + 1], sample_rows int64 [S].
+    input_ids int32 [T] (< 0: a placeholder, see overlap.py), positions int64 [T],
+    out_slots int64 [T] (-1: write nothing), rows int32 [B] (each sequence's row of
+    the device page table), pt_index int64 / pt_pages int32 [K] (the page-table
+    entries to write first), seq_lens / prefix_lens int32 [B], q_start int32 [B + 1],
+    sample_rows int64 [S]. `host_table` (backends that plan on the host only) is the
+    batch's page table int32 [B, width] (page 0 past a sequence's end).
     """
     arrays: dict[str, np.ndarray]
     max_q_len: int
     all_sample: bool            # every row samples (a decode batch): no gather of sample_rows
     num_decode: int = 0         # leading sequences with one new token
     ext_max_q_len: int = 0      # most new tokens among the others
+    width: int = 1              # page-table columns the batch needs
+    has_futures: bool = False   # some input id is a placeholder
+    host_table: np.ndarray | None = None
 
     @classmethod
-    def build(cls, chunks: tuple[Chunk, ...], ps: int) -> "StepArrays":
+    def build(cls, chunks: tuple[Chunk, ...], ps: int, table: PageTable,
+              host_table: bool = False) -> "StepArrays":
         B = len(chunks)
+        reqs = [c.req for c in chunks]
         starts = np.fromiter((c.start for c in chunks), np.int64, B)
         ns = np.fromiter((c.n for c in chunks), np.int64, B)
         seq_lens = starts + ns
         npages = -(-seq_lens // ps)
-        table = np.zeros((B, int(npages.max())), np.int32)
-        for i, (c, k) in enumerate(zip(chunks, npages.tolist())):
-            table[i, :k] = c.req.pages[:k]
+        rows = np.fromiter((table.row_of(r) for r in reqs), np.int32, B)
+        pt_index, pt_pages = table.updates(reqs, npages)
         q_start = np.zeros(B + 1, np.int64)
         np.cumsum(ns, out=q_start[1:])
         T = int(q_start[-1])
+        nd = B if T == B else int(np.argmax(ns != 1))
+        dec = chunks[:nd]                            # the leading one-token sequences
+        out_slots = np.fromiter((c.req.pages[c.start // ps] for c in dec), np.int64, nd) * ps + starts[:nd] % ps
         if T == B:                                   # one token per sequence (decode)
-            rows, positions = np.arange(B), starts
+            positions = starts
             ids = [tokens_of(c.req, c.start, 1)[0] for c in chunks]
         else:
-            rows = np.repeat(np.arange(B), ns)
             positions = np.arange(T) - np.repeat(q_start[:-1] - starts, ns)
             ids = [t for c in chunks for t in tokens_of(c.req, c.start, c.n)]
-        page_idx = positions // ps
-        out_slots = table[rows, page_idx].astype(np.int64) * ps + (positions - page_idx * ps)
+            out_slots = np.concatenate([out_slots] + [_chunk_slots(c, ps) for c in chunks[nd:]])
+        input_ids = np.asarray(ids, np.int32)
         sample = np.fromiter((c.sample for c in chunks), bool, B)
-        nd = B if T == B else int(np.argmax(ns != 1))
         arrays = {
-            "input_ids": np.asarray(ids, np.int32), "positions": positions.astype(np.int64),
-            "out_slots": out_slots, "page_table": table, "seq_lens": seq_lens.astype(np.int32),
+            "input_ids": input_ids, "positions": positions.astype(np.int64), "out_slots": out_slots,
+            "rows": rows, "pt_index": pt_index, "pt_pages": pt_pages, "seq_lens": seq_lens.astype(np.int32),
             "prefix_lens": starts.astype(np.int32), "q_start": q_start.astype(np.int32),
             "sample_rows": q_start[1:][sample] - 1, "ext_q_start": (q_start[nd:] - nd).astype(np.int32),
         }
-        return cls(arrays, int(ns.max()), bool(sample.all()) and T == B, nd, int(ns[nd:].max(initial=0)))
+        width = int(npages.max())
+        return cls(arrays, int(ns.max()), bool(sample.all()) and T == B, nd, int(ns[nd:].max(initial=0)),
+                   width, bool((input_ids < 0).any()), _host_table(reqs, npages, width) if host_table else None)
 
     def padded(self, bs: int) -> "StepArrays":
         """A decode step padded to bs sequences: the extra rows write nowhere (slot -1),
-        attend to one position of the reserved page 0 and are never sampled."""
+        attend to one position of the reserved page 0 (the page table's pad row) and are
+        never sampled."""
         a = self.arrays
         pad = bs - len(a["seq_lens"])
         if pad == 0:
             return self
-        fill = {"input_ids": 0, "positions": 0, "out_slots": -1, "seq_lens": 1, "prefix_lens": 0}
+        fill = {"input_ids": 0, "positions": 0, "out_slots": -1, "seq_lens": 1, "prefix_lens": 0,
+                "rows": PAD_ROW}
         out = {k: np.concatenate([a[k], np.full(pad, v, a[k].dtype)]) for k, v in fill.items()}
-        out["page_table"] = np.concatenate([a["page_table"], np.full((pad, a["page_table"].shape[1]),
-                                                                     RESERVED_PAGE, np.int32)])
+        for k in ("pt_index", "pt_pages", "sample_rows"):
+            out[k] = a[k]
         out["q_start"] = np.arange(bs + 1, dtype=np.int32)
-        out["sample_rows"] = a["sample_rows"]
         out["ext_q_start"] = np.zeros(1, np.int32)
-        return StepArrays(out, self.max_q_len, self.all_sample, bs, 0)
+        host = self.host_table
+        if host is not None:
+            host = np.concatenate([host, np.full((pad, host.shape[1]), RESERVED_PAGE, np.int32)])
+        return StepArrays(out, self.max_q_len, self.all_sample, bs, 0, self.width, self.has_futures, host)
 
     def paged_batch(self, dev: dict[str, torch.Tensor]) -> PagedBatch:
+        host = self.arrays if self.host_table is None else {**self.arrays, "page_table": self.host_table}
         return PagedBatch(dev["page_table"], dev["seq_lens"], dev["prefix_lens"], dev["q_start"],
-                          self.max_q_len, self.arrays, self.num_decode, dev["ext_q_start"], self.ext_max_q_len)
+                          self.max_q_len, host, self.num_decode, dev["ext_q_start"], self.ext_max_q_len)
+
+
+def _chunk_slots(c: Chunk, ps: int) -> np.ndarray:
+    pos = np.arange(c.start, c.start + c.n)
+    first = c.start // ps
+    pages = np.asarray(c.req.pages[first:(c.start + c.n - 1) // ps + 1], np.int64)
+    return pages[pos // ps - first] * ps + pos % ps
+
+
+def _host_table(reqs: list[Request], npages: np.ndarray, width: int) -> np.ndarray:
+    table = np.zeros((len(reqs), width), np.int32)
+    for i, (r, k) in enumerate(zip(reqs, npages.tolist())):
+        table[i, :k] = r.pages[:k]
+    return table
 
 
 class Uploader:

@@ -97,7 +97,10 @@ class SamplingBatch:
 
     @classmethod
     def build(cls, inputs: Sequence[SamplingInput], vocab_size: int,
-              device: torch.device | str = "cpu") -> "SamplingBatch":
+              device: torch.device | str = "cpu",
+              resolve: Callable[[Tensor], Tensor] | None = None) -> "SamplingBatch":
+        """`resolve` maps placeholder output ids (< 0, tokens still on the device) to
+        their values (overlap.FutureTokens.resolve); only penalties read output ids."""
         device = torch.device(device)
         params = [x.params for x in inputs]
         greedy = [p.greedy for p in params]
@@ -107,19 +110,19 @@ class SamplingBatch:
             vals = [neutral if g else get(p) for p, g in zip(params, greedy)]
             if all(v == neutral for v in vals):
                 return None
-            return torch.tensor(vals, dtype=dtype, device=device)
+            return _to_device(vals, dtype, device)
 
         top_k = per_row(lambda p: _clamp_top_k(p.top_k, vocab_size), vocab_size, torch.int64)
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs]
         return cls(
             size=len(inputs), vocab_size=vocab_size, device=device,
             all_greedy=n_greedy == len(inputs),
-            greedy=torch.tensor(greedy, device=device) if 0 < n_greedy < len(inputs) else None,
+            greedy=_to_device(greedy, torch.bool, device) if 0 < n_greedy < len(inputs) else None,
             temperatures=per_row(lambda p: p.temperature, 1.0, torch.float32),
             top_k=top_k, top_width=_top_width(params, greedy, vocab_size),
             top_p=per_row(lambda p: p.top_p, 1.0, torch.float32),
             min_p=per_row(lambda p: p.min_p, 0.0, torch.float32),
-            penalties=_build_penalties(inputs, vocab_size, device),
+            penalties=_build_penalties(inputs, vocab_size, device, resolve),
             banned=_build_banned(inputs, device),
             seeded_rows=[(i, step_seed(x.params.seed, x.step)) for i, (x, g) in enumerate(zip(inputs, greedy))
                          if not g and x.params.seed is not None],
@@ -138,6 +141,40 @@ class SampleOutput:
     top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
+class PendingSample:
+    """A step's sampled ids (and logprobs) on the device, their copy to the host queued
+    behind them; `result()` waits for that copy only (not for later work on the stream)."""
+
+    def __init__(self, tokens: Tensor, logits: Tensor, batch: SamplingBatch):
+        self.tokens = tokens
+        self._rows, self._top_logprobs = batch.logprob_rows, batch.top_logprobs
+        self._size = batch.size
+        dev = [tokens]
+        if self._rows:
+            rows = _to_device(self._rows, torch.int64, logits.device)
+            lp = torch.log_softmax(logits[rows].float(), dim=-1)
+            top = lp.topk(max(self._top_logprobs), dim=-1)
+            dev += [lp.gather(1, tokens[rows][:, None]).squeeze(1), top.values, top.indices]
+        cuda = tokens.device.type == "cuda"
+        self._host = [t.to("cpu", non_blocking=cuda) for t in dev]
+        self._event = torch.cuda.Event() if cuda else None
+        if cuda:
+            self._event.record()
+
+    def result(self) -> SampleOutput:
+        if self._event is not None:
+            self._event.synchronize()
+        host = [h.tolist() for h in self._host]
+        if not self._rows:
+            return SampleOutput(token_ids=host[0])
+        token_ids, chosen, top_vals, top_ids = host
+        out = SampleOutput(token_ids, [None] * self._size, [None] * self._size)
+        for j, (row, k) in enumerate(zip(self._rows, self._top_logprobs)):
+            out.logprobs[row] = chosen[j]
+            out.top_logprobs[row] = list(zip(top_ids[j][:k], top_vals[j][:k]))
+        return out
+
+
 class Sampler:
     """Picks one token per row. Holds the engine-wide generator for unseeded rows
     (one per device, seeded with `seed`) and a scratch generator that seeded rows
@@ -149,6 +186,10 @@ class Sampler:
         self._scratch: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SampleOutput:
+        return self.sample(logits, batch).result()
+
+    def sample(self, logits: Tensor, batch: SamplingBatch) -> PendingSample:
+        """Sample without waiting for the host: the ids stay on the device (`tokens`)."""
         if logits.shape != (batch.size, batch.vocab_size):
             raise ValueError(f"logits shape {tuple(logits.shape)} != batch "
                              f"({batch.size}, {batch.vocab_size})")
@@ -156,7 +197,7 @@ class Sampler:
         tokens = x.argmax(-1) if batch.all_greedy else self._sample(x, batch)
         if batch.greedy is not None:
             tokens = torch.where(batch.greedy, x.argmax(-1), tokens)
-        return _gather_output(logits, tokens, batch)
+        return PendingSample(tokens, logits, batch)
 
     def _sample(self, x: Tensor, batch: SamplingBatch) -> Tensor:
         x = x.float()
@@ -200,7 +241,7 @@ def adjust_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
     if batch.penalties is not None:
         x = apply_penalties(x, batch.penalties)
     if batch.banned is not None:
-        x.index_put_(batch.banned, torch.tensor(float("-inf"), device=x.device))
+        x[batch.banned] = float("-inf")             # a scalar: no host-to-device copy
     return x
 
 
@@ -276,14 +317,27 @@ def _top_width(params: list[SamplingParams], greedy: list[bool], V: int) -> int:
     return max((k for k in ks if k < V), default=V)
 
 
-def _flat_index(rows: list[Sequence[int]], V: int, device: torch.device) -> Tensor:
-    """Ids of each row as indices into a flattened [B, V] tensor."""
+def _to_device(vals, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small host list on the device without a host sync (pinned, non-blocking on CUDA)."""
+    t = vals if isinstance(vals, Tensor) else torch.tensor(vals, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _flat_index(rows: list[Sequence[int]], V: int, device: torch.device,
+                resolve: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Ids of each row as indices into a flattened [B, V] tensor; placeholder ids (< 0)
+    go through `resolve` on the device."""
     ids = np.concatenate([np.zeros(0, np.int64)] + [np.asarray(r, dtype=np.int64) for r in rows])
-    ids += np.repeat(np.arange(len(rows), dtype=np.int64) * V, [len(r) for r in rows])
-    return torch.from_numpy(ids).to(device)
+    offsets = np.repeat(np.arange(len(rows), dtype=np.int64) * V, [len(r) for r in rows])
+    if resolve is None or not (ids < 0).any():
+        return _to_device(torch.from_numpy(ids + offsets), torch.int64, device)
+    return resolve(_to_device(torch.from_numpy(ids), torch.int64, device)) + \
+        _to_device(torch.from_numpy(offsets), torch.int64, device)
 
 
-def _build_penalties(inputs: Sequence[SamplingInput], V: int, device) -> Penalties | None:
+def _build_penalties(inputs: Sequence[SamplingInput], V: int, device, resolve=None) -> Penalties | None:
     params = [x.params for x in inputs]
     if not any(p.uses_penalties for p in params):
         return None
@@ -292,13 +346,13 @@ def _build_penalties(inputs: Sequence[SamplingInput], V: int, device) -> Penalti
         vals = [get(p) for p in params]
         if all(v == neutral for v in vals):
             return None
-        return torch.tensor(vals, dtype=torch.float32, device=device)
+        return _to_device(vals, torch.float32, device)
 
     rep = row_values(lambda p: p.repetition_penalty, 1.0)
     outputs = [x.output_ids if x.params.uses_penalties else () for x in inputs]
     prompts = [x.prompt_ids if x.params.repetition_penalty != 1.0 else () for x in inputs]
     return Penalties(
-        output_index=_flat_index(outputs, V, device),
+        output_index=_flat_index(outputs, V, device, resolve),
         prompt_index=_flat_index(prompts, V, device) if rep is not None else None,
         repetition=rep,
         frequency=row_values(lambda p: p.frequency_penalty, 0.0),
@@ -314,30 +368,4 @@ def _build_banned(inputs: Sequence[SamplingInput], device) -> tuple[Tensor, Tens
         cols += ids
     if not rows:
         return None
-    return (torch.tensor(rows, dtype=torch.int64, device=device),
-            torch.tensor(cols, dtype=torch.int64, device=device))
-
-
-def _gather_output(logits: Tensor, tokens: Tensor, batch: SamplingBatch) -> SampleOutput:
-    """The step's single device-to-host transfer."""
-    if not batch.logprob_rows:
-        return SampleOutput(token_ids=_to_host([tokens])[0])
-    rows = torch.tensor(batch.logprob_rows, device=logits.device)
-    lp = torch.log_softmax(logits[rows].float(), dim=-1)
-    chosen = lp.gather(1, tokens[rows][:, None]).squeeze(1)
-    top = lp.topk(max(batch.top_logprobs), dim=-1)
-    token_ids, chosen, top_vals, top_ids = _to_host([tokens, chosen, top.values, top.indices])
-    out = SampleOutput(token_ids, [None] * batch.size, [None] * batch.size)
-    for j, (row, k) in enumerate(zip(batch.logprob_rows, batch.top_logprobs)):
-        out.logprobs[row] = chosen[j]
-        out.top_logprobs[row] = list(zip(top_ids[j][:k], top_vals[j][:k]))
-    return out
-
-
-def _to_host(tensors: list[Tensor]) -> list[list]:
-    """Queue every copy, then wait once."""
-    cuda = tensors[0].device.type == "cuda"
-    host = [t.to("cpu", non_blocking=cuda) for t in tensors]
-    if cuda:
-        torch.cuda.current_stream(tensors[0].device).synchronize()
-    return [h.tolist() for h in host]
+    return _to_device(rows, torch.int64, device), _to_device(cols, torch.int64, device)

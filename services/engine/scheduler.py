@@ -77,7 +77,8 @@ class Scheduler:
         return ScheduledBatch(tuple(chunks)) if chunks else None
 
     def _schedule_decodes(self) -> list[Chunk]:
-        decodes = [r for r in self.running if r.is_decoding]
+        # A request whose newest token (maybe not read back yet) ends it by length is done.
+        decodes = [r for r in self.running if r.is_decoding and not r.reached_max_len]
         need = sum(self.kv.pages_needed(r, r.num_computed + 1) for r in decodes)
         while need > self.kv.available_pages() and len(self.running) > 1:
             victim = self.running[-1]
@@ -104,16 +105,22 @@ class Scheduler:
                 chunks.append(c)
                 budget -= c.n
         prefilling = [r for r in self.running if not r.is_decoding]
+        # Requests done by length (their last token not read back yet, overlap.py) leave at
+        # this step's postprocess: their places are free already.
+        active = sum(not r.reached_max_len for r in self.running)
+        owed = self.running_reserve()                # kept up to date below, not recomputed
         for r in self._admission_order():
-            if budget <= 0 or len(self.running) >= self.cfg.max_running_requests:
+            if budget <= 0 or active >= self.cfg.max_running_requests:
                 break
             if prefilling and self._shares_pending_prefix(r, prefilling):
                 continue
-            c = self._admit(r, budget)
+            c = self._admit(r, budget, owed)
             if c is None:
                 break
             chunks.append(c)
             budget -= c.n
+            active += 1
+            owed += self.kv.pages_needed(r, r.seq_len + self._reserve(r))
             if not r.is_decoding:
                 prefilling.append(r)
         return chunks
@@ -138,12 +145,13 @@ class Scheduler:
             return None
         return Chunk(r, r.num_computed, n, n == r.num_pending)
 
-    def _admit(self, r: Request, budget: int) -> Chunk | None:
+    def _admit(self, r: Request, budget: int, owed: int) -> Chunk | None:
+        """`owed`: running_reserve() of the requests running now."""
         self.kv.admit(r)
         # Alone, a request only needs its sequence (the context cap makes that fit);
         # beside others it must also leave room for a share of its future tokens.
         future = self._reserve(r) if self.running else 1
-        if self.kv.pages_needed(r, r.seq_len + future) > self.kv.available_pages() - self.running_reserve():
+        if self.kv.pages_needed(r, r.seq_len + future) > self.kv.available_pages() - owed:
             self.kv.release(r, keep=False)
             return None
         c = self._chunk(r, budget)

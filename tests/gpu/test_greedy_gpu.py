@@ -3,8 +3,9 @@
 Skipped without CUDA. Backends: torch (the reference), triton (the default),
 flashinfer where it imports. Tiny random checkpoints in fp32; SmolLM2 (when
 its GGUF is installed) and a random checkpoint of the Llama-3.2-1B shape in
-bf16. CUDA graphs on and off, prefix-cache hits, chunked prefill, a pool that
-fills up, and the memory a --mem-fraction-static engine takes.
+bf16. CUDA graphs on and off, overlap on (the default) and off, prefix-cache
+hits, chunked prefill, a pool that fills up, and the memory a
+--mem-fraction-static engine takes.
 
 In bf16 both sides round differently, so sequences are compared up to ties
 with a bf16-sized tolerance; graph replay and eager decode of a batch whose
@@ -32,11 +33,12 @@ BF16_TOL = 0.15
 
 
 def engine(folder, dtype, backend="triton", page_size=16, tokens=16384, chunk=2048, graphs=True,
-           max_running=32, load_format="auto", **cache) -> Engine:
+           max_running=32, load_format="auto", overlap=True, **cache) -> Engine:
     gc.collect()
     torch.cuda.empty_cache()
     return Engine(EngineConfig(model=str(folder), load_format=load_format, dtype=dtype, device="cuda",
                                attention_backend=backend, disable_cuda_graph=not graphs,
+                               disable_overlap=not overlap,
                                cache=CacheConfig(page_size=page_size, max_total_tokens=tokens, **cache),
                                scheduler=SchedulerConfig(chunked_prefill_size=chunk,
                                                          max_running_requests=max_running)))
@@ -130,6 +132,27 @@ def test_llama_1b_graphs_equal_eager(llama_1b):
     check(run(graphed, odd, 16), ref, odd, 16, what="1b triton graphs, padded batch", tol=BF16_TOL)
 
 
+@pytest.mark.parametrize("graphs", [True, False])
+def test_llama_1b_overlap_equals_sync(llama_1b, graphs):
+    """The overlap executor (step N+1 launched before step N's ids are read back) gives the
+    very ids of --disable-overlap: chunked prefill (mixed steps), a prefix-cache hit,
+    requests that end at different lengths, penalties and seeded sampling."""
+    folder, _ = llama_1b
+    ps, cached = _1b_prompts()
+    ps = ps + cached
+    params = [SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True) for n in (24, 9, 17, 30, 5, 24)]
+    params += [SamplingParams(temperature=0.7, seed=3, max_new_tokens=20, ignore_eos=True, frequency_penalty=0.3,
+                              repetition_penalty=1.1, logprobs=True, top_logprobs=3)] * (len(ps) - len(params))
+    got = {}
+    for overlap in (True, False):
+        eng = engine(folder, "bfloat16", "triton", chunk=64, graphs=graphs, overlap=overlap)
+        assert eng.executor.overlap is overlap
+        got[overlap] = [(r.output_ids, r.finish_reason) for r in eng.generate(ps, params)]
+        eng.check_integrity()
+        del eng
+    assert got[True] == got[False], "overlap changes the ids"
+
+
 def test_smollm2_gpu():
     from services.engine.loader import resolve_model
     try:
@@ -148,15 +171,16 @@ def test_smollm2_gpu():
                   f"smollm2 {backend} graphs={graphs}", tol=BF16_TOL)
 
 
-@pytest.mark.parametrize("graphs", [True, False])
-def test_pool_fills_up(tmp_path, graphs):
+@pytest.mark.parametrize("graphs,overlap", [(True, True), (False, True), (True, False)])
+def test_pool_fills_up(tmp_path, graphs, overlap):
     """24 requests that need ~10x the pool: they wait, get retracted, and all finish with
     the reference's ids."""
     folder = make_tiny_checkpoint("llama", tmp_path / "llama")
     ref = Reference(folder, device="cuda")
     ps = prompts(7, [60, 90, 30, 120, 75, 45] * 4)
-    eng = engine(folder, "float32", "triton", page_size=16, tokens=400, chunk=128, graphs=graphs, max_running=8)
-    check(run(eng, ps, 50), ref, ps, 50, what=f"filled pool graphs={graphs}")
+    eng = engine(folder, "float32", "triton", page_size=16, tokens=400, chunk=128, graphs=graphs, max_running=8,
+                 overlap=overlap)
+    check(run(eng, ps, 50), ref, ps, 50, what=f"filled pool graphs={graphs} overlap={overlap}")
     assert eng.scheduler.num_retractions > 0
 
 

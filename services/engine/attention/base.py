@@ -41,7 +41,7 @@ class SeqSpec:
 class PagedBatch:
     """One forward's sequences in paged form. Tensors live on the model's device;
     `host` holds the same arrays as numpy (for backends that plan on the CPU)."""
-    page_table: torch.Tensor       # int32 [B, P]: page ids of positions [0, seq_len); 0 past the end
+    page_table: torch.Tensor       # int32 [B, P]: page ids of positions [0, seq_len); past them: unread ids
     seq_lens: torch.Tensor         # int32 [B]: tokens in the cache after this forward
     prefix_lens: torch.Tensor      # int32 [B]: tokens cached before it (seq_len - new tokens)
     q_start: torch.Tensor          # int32 [B + 1]: first row of each sequence's new tokens in [T]
@@ -61,6 +61,7 @@ class PagedBatch:
 class AttentionBackend(ABC):
     paged = False                  # True: build_paged(PagedBatch) instead of build(seqs)
     graph_capturable = False       # forward can run inside a CUDA graph (decode batches)
+    host_page_table = False        # build_paged reads batch.host["page_table"] (numpy)
 
     def __init__(self, kv_pool: Any, num_heads: int, num_kv_heads: int, head_dim: int):
         self.kv_pool = kv_pool

@@ -41,6 +41,7 @@ class FlashInferMeta:
 class FlashInferAttentionBackend(AttentionBackend):
     paged = True
     graph_capturable = False
+    host_page_table = True
 
     def __init__(self, kv_pool, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__(kv_pool, num_heads, num_kv_heads, head_dim)
