@@ -354,6 +354,9 @@ def main() -> None:
     result["command"] = " ".join(["python"] + sys.argv)
     results = Path(args.results_dir)
     tag = args.tag or f"offline_{Path(args.model).name}_{'gpu' if cuda else 'cpu'}"
+    out = args.out or (str(results / f"{tag}.json") if cuda else None)
+    if out and args.batch_sweep:                 # the figures so far survive a sweep that fails
+        _write(out, json.dumps(result))
     if args.batch_sweep:
         sizes = [int(x) for x in args.batch_sweep.split(",")]
         result["sweep"] = batch_sweep(engine, sizes, args.sweep_input_len, args.sweep_output_len, vocab,
@@ -365,11 +368,14 @@ def main() -> None:
         if plot_sweep(result["sweep"], title, results / f"{tag}_sweep.png"):
             result["sweep_plot"] = str(results / f"{tag}_sweep.png")
     line = json.dumps(result)
-    out = args.out or (str(results / f"{tag}.json") if cuda else None)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(line + "\n")
+        _write(out, line)
     print(line)
+
+
+def _write(path: str, line: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(line + "\n")
 
 
 def _report_batch1(r: dict) -> None:
