@@ -16,7 +16,11 @@ import time
 import traceback
 from typing import Any, Callable
 
+import torch
+
 from services.engine.engine import Engine, StepOutput
+
+from .step_threads import StepThreads
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +94,16 @@ class EngineLoop:
 
     def _run(self) -> None:
         cache = self.engine.kv.cache
+        threads = None
+        if self.engine.device.type == "cpu" and torch.get_num_threads() > 1:
+            threads = StepThreads(torch.get_num_threads())
         while not self._stop.is_set():
             self._run_commands(block=not self.engine.has_unfinished())
             outputs: list[StepOutput] = []
             if self.engine.has_unfinished():
                 try:
+                    if threads is not None:
+                        threads.before_step(self.engine.scheduler)
                     t0 = time.perf_counter()
                     outputs = self.engine.step()
                     self.step_seconds.observe(time.perf_counter() - t0)
