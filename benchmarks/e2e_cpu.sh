@@ -6,6 +6,8 @@
 #
 #   VLLM_VENV=/tmp/vllmenv bash benchmarks/e2e_cpu.sh        # ~8 min
 #   SYSTEMS="tandem-collocated" bash benchmarks/e2e_cpu.sh
+#   VLLM_DTYPE=float32 TANDEM_ARGS="--dtype float32" ...   (default: bfloat16 for vLLM, auto for Tandem;
+#                                                          a CPU without AVX-512 BF16 wants float32 for both)
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"; ROOT="$(dirname "$HERE")"
 PY="${VENV:-$ROOT/.venv}/bin/python"
@@ -32,18 +34,18 @@ run_workloads() {  # system, base url
 for s in $SYSTEMS; do
   case $s in
     vllm)
-      VENV="$VLLM_VENV" PORT=8100 "$PEERS/serve.sh" "$MODEL_DIR" bfloat16 > "$LOGDIR/vllm.log" 2>&1 & PID=$!
+      VENV="$VLLM_VENV" PORT=8100 "$PEERS/serve.sh" "$MODEL_DIR" "${VLLM_DTYPE:-bfloat16}" > "$LOGDIR/vllm.log" 2>&1 & PID=$!
       wait_http http://127.0.0.1:8100/v1/models
-      run_workloads vllm http://127.0.0.1:8100
+      run_workloads "vllm-${VLLM_DTYPE:-bfloat16}" http://127.0.0.1:8100
       pkill -TERM -P $PID 2>/dev/null || true; kill -TERM $PID 2>/dev/null || true; wait $PID 2>/dev/null || true
       pkill -f "vllm" 2>/dev/null || true; sleep 3 ;;
     tandem-collocated|tandem-disaggregated)
       extra=""; [ "$s" = tandem-collocated ] && extra="--collocated"
       T0=$(date +%s.%N)
-      "${VENV:-$ROOT/.venv}/bin/tandem" serve $extra --port 8000 --grpc-port 50051 > "$LOGDIR/$s.log" 2>&1 & PID=$!
+      "${VENV:-$ROOT/.venv}/bin/tandem" serve $extra ${TANDEM_ARGS:-} --port 8000 --grpc-port 50051 > "$LOGDIR/$s.log" 2>&1 & PID=$!
       wait_http http://127.0.0.1:8000/health
       echo "$s: healthy after $(echo "$(date +%s.%N) - $T0" | bc) s ($(grep -o 'ready in [0-9.]* s' "$LOGDIR/$s.log"))"
       run_workloads "$s" http://127.0.0.1:8000
-      kill -TERM $PID; wait $PID || true; sleep 2 ;;
+      kill -TERM $PID; wait $PID || true; sleep 5 ;;
   esac
 done

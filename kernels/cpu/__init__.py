@@ -1,9 +1,13 @@
-"""CPU kernels (C++ with AVX-512), built once on first use and cached.
+"""CPU kernels (C++ with AVX-512 or AVX2), built once on first use and cached.
 
+One extension, built for what the CPU has: with AVX-512 BF16 everything
+(packed bf16 matmuls, the fused decode layer); with AVX2 + FMA + F16C all but
+the bf16 matmuls (simd.h gives the shared kernels one vector type for both).
+The fp32 matmuls on GGUF blocks (quant.py, qgemv.cpp) are AVX2 code in both.
 The build needs a C++ compiler and ninja (installed with the project); it
 lands in $TANDEM_CACHE_DIR/torch_extensions (default ~/.cache/tandem/...).
-Where the CPU lacks AVX-512 BF16 or the build fails, `available()` is False
-and callers keep to the torch ops.
+Where the CPU has neither or the build fails, `available()` is False and
+callers keep to the torch ops.
 """
 from __future__ import annotations
 
@@ -16,7 +20,12 @@ import torch
 
 log = logging.getLogger("tandem.kernels.cpu")
 _SRCS = [Path(__file__).with_name(n) for n in ("bindings.cpp", "gemv_bf16.cpp", "decode_attention.cpp", "elementwise.cpp",
-                                                "decode_layer.cpp")]
+                                                "decode_layer.cpp", "qgemv.cpp")]
+_AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+# flavor -> (CPU flags it needs, compiler flags)
+_FLAVORS = {"avx512bf16": ({"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx2", "fma", "f16c"},
+                           ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", *_AVX2]),
+            "avx2": ({"avx2", "fma", "f16c"}, _AVX2)}
 
 
 @lru_cache(maxsize=1)
@@ -37,18 +46,26 @@ def _build_dir() -> Path:
 
 
 @lru_cache(maxsize=1)
+def flavor() -> str | None:
+    """The build this CPU runs: 'avx512bf16', 'avx2', or None (TANDEM_CPU_KERNELS=0 forces None)."""
+    if os.environ.get("TANDEM_CPU_KERNELS", "1") == "0":
+        return None
+    return next((name for name, (need, _) in _FLAVORS.items() if need <= cpu_flags()), None)
+
+
+@lru_cache(maxsize=1)
 def _ext():
-    if os.environ.get("TANDEM_CPU_KERNELS", "1") == "0" or "avx512_bf16" not in cpu_flags():
+    if flavor() is None:
         return None
     try:
         from torch.utils.cpp_extension import load
-        log.info("building CPU kernels (once; cached in %s)", _build_dir())
-        return load(name="tandem_cpu_kernels", sources=[str(p) for p in _SRCS], build_directory=str(_build_dir()),
+        log.info("building CPU kernels for %s (once; cached in %s)", flavor(), _build_dir())
+        return load(name=f"tandem_cpu_kernels_{flavor()}", sources=[str(p) for p in _SRCS],
+                    build_directory=str(_build_dir()),
                     # -fopenmp compiles at::parallel_for's pragmas; the GOMP symbols are
                     # left to resolve against torch's own libgomp (already loaded
                     # globally), so the kernels share torch's thread pool.
-                    extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"],
-                    verbose=False)
+                    extra_cflags=["-O3", *_FLAVORS[flavor()][1], "-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, an old assembler: keep to torch ops
         log.warning("CPU kernels unavailable (%s); using torch ops", str(e).splitlines()[0] if str(e) else e)
         return None
@@ -58,9 +75,13 @@ def available() -> bool:
     return _ext() is not None
 
 
+def has_bf16_gemv() -> bool:
+    return flavor() == "avx512bf16" and available()
+
+
 def can_pack(w: torch.Tensor) -> bool:
-    return (w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.dim() == 2
-            and w.shape[0] % 16 == 0 and w.shape[1] % 2 == 0 and available())
+    return (has_bf16_gemv() and w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.dim() == 2
+            and w.shape[0] % 16 == 0 and w.shape[1] % 2 == 0)
 
 
 def pack_bf16(w: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,6 @@
 // G x D output accumulators stay in registers (2.3x over the runtime-shaped
 // loop at batch 16, SmolLM2: 338 -> 145 us a layer).
 #include <torch/extension.h>
-#include <immintrin.h>
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <vector>
@@ -30,39 +29,29 @@ inline void prefetch_row(const void* p, int bytes) {
   for (int o = 0; o < bytes; o += 64) _mm_prefetch(static_cast<const char*>(p) + o, _MM_HINT_T0);
 }
 
-inline __m512 load16(const at::BFloat16* p) {
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline void store16(at::BFloat16* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
-}
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-
 template <typename T>
 void one_group(const T* q, const T* k, const T* v, const int64_t* slots, int64_t len,
                T* out, int G, int D, int64_t row_stride, float scale, std::vector<float>& s) {
   // q, out: G consecutive heads of D; k, v: the group's kv head at slot 0.
   const int nv = D / 16;
   s.resize(static_cast<size_t>(G) * len);
-  std::vector<__m512> qv(G * nv);
+  std::vector<V16> qv(G * nv);
   for (int g = 0; g < G; ++g)
-    for (int c = 0; c < nv; ++c) qv[g * nv + c] = _mm512_mul_ps(load16(q + g * D + c * 16), _mm512_set1_ps(scale));
+    for (int c = 0; c < nv; ++c) qv[g * nv + c] = v_mul(v_load(q + g * D + c * 16), v_set1(scale));
   std::vector<float> mx(G, -INFINITY);
   const int row_bytes = D * static_cast<int>(sizeof(T));
   for (int64_t j = 0; j < len; ++j) {
     const T* kr = k + slots[j] * row_stride;
     if (j + kAhead < len) prefetch_row(k + slots[j + kAhead] * row_stride, row_bytes);
     for (int g = 0; g < G; ++g) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int c = 0; c < nv; ++c) acc = _mm512_fmadd_ps(qv[g * nv + c], load16(kr + c * 16), acc);
-      float x = _mm512_reduce_add_ps(acc);
+      V16 acc = v_zero();
+      for (int c = 0; c < nv; ++c) acc = v_fma(qv[g * nv + c], v_load(kr + c * 16), acc);
+      float x = v_sum(acc);
       s[g * len + j] = x;
       mx[g] = x > mx[g] ? x : mx[g];
     }
   }
-  std::vector<__m512> acc(G * nv, _mm512_setzero_ps());
+  std::vector<V16> acc(G * nv, v_zero());
   std::vector<float> den(G, 0.f);
   for (int g = 0; g < G; ++g) {
     float* sg = s.data() + g * len;
@@ -74,35 +63,35 @@ void one_group(const T* q, const T* k, const T* v, const int64_t* slots, int64_t
     const T* vr = v + slots[j] * row_stride;
     if (j + kAhead < len) prefetch_row(v + slots[j + kAhead] * row_stride, row_bytes);
     for (int c = 0; c < nv; ++c) {
-      __m512 vv = load16(vr + c * 16);
+      V16 vv = v_load(vr + c * 16);
       for (int g = 0; g < G; ++g)
-        acc[g * nv + c] = _mm512_fmadd_ps(_mm512_set1_ps(s[g * len + j]), vv, acc[g * nv + c]);
+        acc[g * nv + c] = v_fma(v_set1(s[g * len + j]), vv, acc[g * nv + c]);
     }
   }
   for (int g = 0; g < G; ++g) {
-    __m512 inv = _mm512_set1_ps(1.f / den[g]);
-    for (int c = 0; c < nv; ++c) store16(out + g * D + c * 16, _mm512_mul_ps(acc[g * nv + c], inv));
+    V16 inv = v_set1(1.f / den[g]);
+    for (int c = 0; c < nv; ++c) v_store(out + g * D + c * 16, v_mul(acc[g * nv + c], inv));
   }
 }
 
 // exp(s - mx) in place over n floats; returns their sum (vectorized: a scalar
 // running sum is one dependent add per key).
 inline float exp_sum(float* s, int64_t n, float mx) {
-  const __m512 m = _mm512_set1_ps(mx);
-  __m512 sum = _mm512_setzero_ps();
+  const V16 m = v_set1(mx);
+  V16 sum = v_zero();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + i), m));
-    _mm512_storeu_ps(s + i, e);
-    sum = _mm512_add_ps(sum, e);
+    const V16 e = v_exp(v_load(s + i) - m);
+    v_store(s + i, e);
+    sum = sum + e;
   }
-  if (i < n) {
-    const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), m));
-    _mm512_mask_storeu_ps(s + i, k, e);
-    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
+  float total = v_sum(sum);
+  if (i < n) {                          // the tail: at most 15 keys
+    const int r = static_cast<int>(n - i);
+    v_store_n(s + i, v_exp(v_load_n(s + i, r) - m), r);
+    for (; i < n; ++i) total += s[i];
   }
-  return _mm512_reduce_add_ps(sum);
+  return total;
 }
 
 // one_group with G and D = 16 NV known at compile time: q and the G x NV output
@@ -112,39 +101,39 @@ void group_fixed(const T* q, const T* k, const T* v, const int64_t* slots, int64
                  T* out, int64_t row_stride, float scale, std::vector<float>& s) {
   constexpr int D = NV * 16, row_bytes = D * static_cast<int>(sizeof(T));
   s.resize(static_cast<size_t>(G) * len);
-  __m512 qv[G][NV];
+  V16 qv[G][NV];
   for (int g = 0; g < G; ++g)
-    for (int c = 0; c < NV; ++c) qv[g][c] = _mm512_mul_ps(load16(q + g * D + c * 16), _mm512_set1_ps(scale));
+    for (int c = 0; c < NV; ++c) qv[g][c] = v_mul(v_load(q + g * D + c * 16), v_set1(scale));
   float mx[G];
   for (int g = 0; g < G; ++g) mx[g] = -INFINITY;
   for (int64_t j = 0; j < len; ++j) {
     const T* kr = k + slots[j] * row_stride;
     if (j + kAhead < len) prefetch_row(k + slots[j + kAhead] * row_stride, row_bytes);
-    __m512 kv[NV];
-    for (int c = 0; c < NV; ++c) kv[c] = load16(kr + c * 16);
+    V16 kv[NV];
+    for (int c = 0; c < NV; ++c) kv[c] = v_load(kr + c * 16);
     for (int g = 0; g < G; ++g) {
-      __m512 acc = _mm512_mul_ps(qv[g][0], kv[0]);
-      for (int c = 1; c < NV; ++c) acc = _mm512_fmadd_ps(qv[g][c], kv[c], acc);
-      const float x = _mm512_reduce_add_ps(acc);
+      V16 acc = v_mul(qv[g][0], kv[0]);
+      for (int c = 1; c < NV; ++c) acc = v_fma(qv[g][c], kv[c], acc);
+      const float x = v_sum(acc);
       s[g * len + j] = x;
       mx[g] = x > mx[g] ? x : mx[g];
     }
   }
   float inv[G];
   for (int g = 0; g < G; ++g) inv[g] = 1.f / exp_sum(s.data() + g * len, len, mx[g]);
-  __m512 acc[G][NV];
+  V16 acc[G][NV];
   for (int g = 0; g < G; ++g)
-    for (int c = 0; c < NV; ++c) acc[g][c] = _mm512_setzero_ps();
+    for (int c = 0; c < NV; ++c) acc[g][c] = v_zero();
   for (int64_t j = 0; j < len; ++j) {
     const T* vr = v + slots[j] * row_stride;
     if (j + kAhead < len) prefetch_row(v + slots[j + kAhead] * row_stride, row_bytes);
     for (int c = 0; c < NV; ++c) {
-      const __m512 vv = load16(vr + c * 16);
-      for (int g = 0; g < G; ++g) acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(s[g * len + j]), vv, acc[g][c]);
+      const V16 vv = v_load(vr + c * 16);
+      for (int g = 0; g < G; ++g) acc[g][c] = v_fma(v_set1(s[g * len + j]), vv, acc[g][c]);
     }
   }
   for (int g = 0; g < G; ++g)
-    for (int c = 0; c < NV; ++c) store16(out + g * D + c * 16, _mm512_mul_ps(acc[g][c], _mm512_set1_ps(inv[g])));
+    for (int c = 0; c < NV; ++c) v_store(out + g * D + c * 16, v_mul(acc[g][c], v_set1(inv[g])));
 }
 
 template <typename T>

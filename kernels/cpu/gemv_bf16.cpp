@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <cstring>
 
+#if defined(__AVX512BF16__)
 namespace {
 
 constexpr int kNR = 3;              // zmm columns per panel
@@ -99,3 +100,10 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor packed) {
   });
   return out;
 }
+
+#else  // a build without AVX-512 BF16 (kernels/cpu/__init__.py never calls these there)
+
+torch::Tensor pack_bf16(torch::Tensor) { TORCH_CHECK(false, "pack_bf16: this build has no AVX-512 BF16"); }
+torch::Tensor gemv_bf16(torch::Tensor, torch::Tensor) { TORCH_CHECK(false, "gemv_bf16: this build has no AVX-512 BF16"); }
+
+#endif

@@ -14,3 +14,5 @@ std::vector<torch::Tensor> decode_layer(torch::Tensor x, c10::optional<torch::Te
                                         std::vector<torch::Tensor> weights, c10::optional<torch::Tensor> qkv_bias,
                                         std::vector<torch::Tensor> cache, int64_t heads, int64_t kv_heads,
                                         double eps, double scale);
+torch::Tensor pack_q(torch::Tensor blocks, int64_t N, int64_t K, int64_t ggml_type);
+torch::Tensor qgemv(torch::Tensor x, torch::Tensor packed, int64_t N, int64_t bits);

@@ -10,6 +10,7 @@ import torch
 
 from kernels import cpu as cpu_kernels
 
+from . import gguf_weights
 from .attention.base import default_backend, get_backend
 from .config import DTYPES, EngineConfig, ModelConfig
 from .cuda_graph import DecodeGraphs
@@ -61,7 +62,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def build_model(source: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                max_positions: int, seed: int) -> torch.nn.Module:
+                max_positions: int, seed: int, quant_decode: bool = True) -> torch.nn.Module:
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -75,6 +76,8 @@ def build_model(source: ModelSource, cfg: ModelConfig, dtype: torch.dtype, devic
         model.load_weights(iter_weights(source))
     model.eval().requires_grad_(False)
     model.prepare()
+    if quant_decode:
+        gguf_weights.attach(model, source, dtype, device)
     return model
 
 
@@ -145,7 +148,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     cfg = source.model_config
     tokenizer = Tokenizer.from_folder(source.path) if source.has_tokenizer else None
     max_len = min(cfg.max_position_embeddings, config.max_model_len or cfg.max_position_embeddings)
-    model = build_model(source, cfg, dtype, device, max_len, config.seed)
+    model = build_model(source, cfg, dtype, device, max_len, config.seed, config.gguf_decode)
     ps = config.cache.page_size
     name = default_backend(device) if config.attention_backend == "auto" else config.attention_backend
     backend_cls = get_backend(name)

@@ -135,6 +135,7 @@ class EngineConfig:
     cuda_graph_max_bs: int = 256      # largest decode batch captured (capped by max_running_requests)
     disable_overlap: bool = False     # CUDA: schedule step N+1 only after step N's ids are read back
     max_model_len: int | None = None  # context cap; default: the model's, bounded by the pool
+    gguf_decode: bool = True          # CPU fp32 from a GGUF: decode matmuls read its quantized blocks
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -2,7 +2,9 @@
 
 The folder holds config.json, generation_config.json, one fp32 model.safetensors,
 tokenizer.json, tokenizer_config.json and special_tokens_map.json, and loads as-is
-with transformers and vLLM. Supported: architectures `llama` (Llama, Mistral,
+with transformers and vLLM. Beside them, gguf_blocks/blocks.safetensors keeps the
+quantized 2-D weights as the file stored them (uint8 blocks, rows in HF order,
+the GGML type of each in the metadata): CPU decode reads those (gguf_weights.py). Supported: architectures `llama` (Llama, Mistral,
 SmolLM) and `qwen2`, with byte-level BPE tokenizers (`tokenizer.ggml.model` gpt2).
 
 Weights are dequantized with gguf.quants.dequantize, bit for bit. The folder is
@@ -24,8 +26,12 @@ from typing import Any, Iterator
 import numpy as np
 
 # Bump when the output of a conversion changes: the loader's cache keys on it.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 SOURCE_FILE = "tandem_gguf.json"   # written into the folder: where it came from
+# The quantized weights' raw blocks, in a subfolder so that no loader globbing
+# *.safetensors (transformers, vLLM, ours) takes them for weights.
+BLOCKS_FILE = "gguf_blocks/blocks.safetensors"
+_PLAIN_TYPES = {0, 1, 30}          # F32, F16, BF16: nothing to keep beside the fp32 copy
 
 _ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
 
@@ -216,6 +222,24 @@ def iter_hf_tensors(reader, cfg: dict[str, Any]) -> Iterator[tuple[str, np.ndarr
         yield name, w
 
 
+def quant_blocks(reader, cfg: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The raw blocks of every quantized 2-D tensor: (HF name -> uint8 [rows, bytes],
+    HF name -> GGML type id as a string), rows reordered as iter_hf_tensors does."""
+    permute = cfg["model_type"] == "llama"
+    heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
+    blocks, types = {}, {}
+    for t in reader.tensors:
+        name = hf_tensor_name(t.name)
+        if name is None or len(t.shape) != 2 or int(t.tensor_type) in _PLAIN_TYPES:
+            continue
+        b = np.asarray(t.data).reshape(int(t.shape[1]), -1)
+        proj = name.split(".")[-2] if permute else None
+        if proj in heads:
+            b = unpermute_qk(b, heads[proj])
+        blocks[name], types[name] = np.ascontiguousarray(b), str(int(t.tensor_type))
+    return blocks, types
+
+
 def write_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...]]],
                       arrays: Iterator[tuple[str, np.ndarray]]) -> None:
     """Stream fp32 arrays into one safetensors file, one tensor in memory at a time.
@@ -358,6 +382,12 @@ def convert_gguf(src: Path, dst: Path, progress: bool = False) -> Path:
         bar = tqdm(iter_hf_tensors(reader, cfg), total=len(specs), desc="converting GGUF",
                    unit="tensor", disable=not progress)
         write_safetensors(tmp / "model.safetensors", specs, bar)
+        blocks, types = quant_blocks(reader, cfg)
+        if blocks:
+            from safetensors.numpy import save_file
+            (tmp / BLOCKS_FILE).parent.mkdir()
+            save_file(blocks, str(tmp / BLOCKS_FILE), metadata=types)
+            os.chmod(tmp / BLOCKS_FILE, 0o644)
         _replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -15,12 +15,16 @@ from torch import nn
 import torch.nn.functional as F
 
 from kernels import cpu as cpu_kernels
+from kernels.cpu import quant as quant_kernels
 
 # Up to this many tokens the packed CPU kernel (register-blocked, ~330-400
 # GFLOP/s on 2 Zen 4 cores from M = 16) beats oneDNN's GEMM on the plain
 # weight (1.1-1.8x at M = 64-128 on SmolLM2's shapes, cold weights,
 # benchmarks/results/cpu_gemv.md); prefill chunks above it keep oneDNN.
 GEMV_MAX_TOKENS = 128
+# Up to this many tokens an fp32 matmul reads the GGUF blocks (kernels/cpu/quant)
+# instead of the fp32 weight: bound by the weight bytes below it, by FMAs above.
+QGEMV_MAX_TOKENS = 32
 
 
 def fused_cpu(x: torch.Tensor) -> bool:
@@ -42,10 +46,14 @@ def _gpu_ops():
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
-           packed: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, or the streaming CPU kernel on a packed copy of w for few tokens."""
+           packed: torch.Tensor | None = None, quant: quant_kernels.QuantWeight | None = None) -> torch.Tensor:
+    """F.linear, or for few tokens a streaming CPU kernel: on a packed bf16 copy of w,
+    or on the GGUF blocks w was dequantized from."""
     if packed is not None and x.shape[0] <= GEMV_MAX_TOKENS and x.dim() == 2:
         y = cpu_kernels.gemv_bf16(x.contiguous(), packed)
+        return y if b is None else y + b
+    if quant is not None and x.shape[0] <= QGEMV_MAX_TOKENS and x.dim() == 2 and x.dtype == torch.float32:
+        y = quant_kernels.qgemv(x, quant)
         return y if b is None else y + b
     return F.linear(x, w, b)
 
@@ -86,12 +94,13 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.packed: torch.Tensor | None = None     # set by prepare() after the weights load
+        self.quant: quant_kernels.QuantWeight | None = None   # GGUF blocks of weight (gguf_weights.py)
 
     def prepare(self) -> None:
         self.packed = pack_for_cpu(self.weight.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.packed)
+        return linear(x, self.weight, self.bias, self.packed, self.quant)
 
 
 class GatedMLP(nn.Module):

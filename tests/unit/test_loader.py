@@ -72,6 +72,20 @@ def test_weights_equal_gguf_dequantize(default_source):
             assert torch.equal(weights[checked[t.name]], torch.from_numpy(np.array(ref))), t.name
 
 
+def test_kept_blocks_dequantize_to_the_fp32_weights(default_source):
+    """gguf_blocks/ holds every quantized weight's raw blocks, rows in HF order: gguf's
+    dequantization of them is the fp32 weight, bit for bit (what CPU decode reads)."""
+    from safetensors import safe_open
+    weights = dict(iter_weights(default_source))
+    with safe_open(str(default_source.path / gguf_convert.BLOCKS_FILE), framework="numpy") as f:
+        types = f.metadata()
+        assert len(types) == 211                                   # 210 Q4_1 + the Q8_0 embedding
+        for name in ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                     "model.layers.3.self_attn.k_proj.weight", "model.layers.29.mlp.up_proj.weight"]:
+            w = gguf.quants.dequantize(f.get_tensor(name), gguf.GGMLQuantizationType(int(types[name])))
+            assert torch.equal(weights[name], torch.from_numpy(w.reshape(weights[name].shape).copy())), name
+
+
 def test_converted_model_runs_in_transformers(default_source):
     """A wrong q/k permutation still loads but babbles: greedy decoding must answer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..forward_context import current
+from kernels.cpu.quant import QuantWeight
 from kernels import cpu as cpu_kernels
 
 from ..layers import (GEMV_MAX_TOKENS, GatedMLP, Linear, RMSNorm, RotaryEmbedding, add_rms_norm, linear,
@@ -86,6 +87,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self._packed_embed: torch.Tensor | None = None
+        self._quant_embed = None                 # GGUF blocks of a tied lm_head (attach_quant)
         self._fused_weights: list[list[torch.Tensor]] | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -126,7 +128,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
-        return linear(hidden, self.embed_tokens.weight, packed=self._packed_embed).float()
+        return linear(hidden, self.embed_tokens.weight, packed=self._packed_embed, quant=self._quant_embed).float()
 
     def prepare(self) -> None:
         """After the weights load: derived copies the fast paths read (packed CPU weights)."""
@@ -136,6 +138,36 @@ class LlamaForCausalLM(nn.Module):
         self._packed_embed = pack_for_cpu(self.embed_tokens.weight.data) if self.lm_head is None else None
         fused = [layer.fused_weights() for layer in self.layers]
         self._fused_weights = fused if all(w is not None for w in fused) else None
+
+    def attach_quant(self, weights: Iterable[tuple[str, QuantWeight]]) -> int:
+        """GGUF blocks (HF name, QuantWeight) for the matmuls whose fp32 weights they are
+        (gguf_weights.py); a fused projection gets them only if all its parts come.
+        Returns how many weights were attached."""
+        modules = dict(self.named_modules())
+        parts: dict[str, dict[int, QuantWeight]] = {}
+        for name, qw in weights:
+            name = name.removeprefix("model.")
+            if name == "embed_tokens.weight" and self.lm_head is None:
+                self._quant_embed = qw
+                continue
+            target, part = self._target(name)
+            parts.setdefault(target.removesuffix(".weight"), {})[part or 0] = qw
+        n = int(self._quant_embed is not None)
+        for mod_name, got in parts.items():
+            mod = modules.get(mod_name)
+            if not isinstance(mod, Linear):
+                continue
+            want = 3 if mod_name.endswith("qkv_proj") else 2 if mod_name.endswith("gate_up_proj") else 1
+            if sorted(got) != list(range(want)):
+                continue
+            try:
+                qw = got[0].cat(*(got[i] for i in range(1, want)))
+            except ValueError:                       # parts of different types: keep fp32
+                continue
+            if (qw.n, qw.k) == tuple(mod.weight.shape):
+                mod.quant = qw
+                n += want
+        return n
 
     # -- weights ---------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
