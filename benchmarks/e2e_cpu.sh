@@ -5,7 +5,7 @@
 # Results: one JSON line per run in benchmarks/results/e2e_cpu.jsonl.
 #
 #   VLLM_VENV=/tmp/vllmenv bash benchmarks/e2e_cpu.sh        # ~8 min
-#   SYSTEMS="tandem-collocated" bash benchmarks/e2e_cpu.sh
+#   SYSTEMS="tandem-collocated" WORKLOADS="B" bash benchmarks/e2e_cpu.sh
 #   VLLM_DTYPE=float32 TANDEM_ARGS="--dtype float32" ...   (default: bfloat16 for vLLM, auto for Tandem;
 #                                                          a CPU without AVX-512 BF16 wants float32 for both)
 set -euo pipefail
@@ -24,7 +24,7 @@ C="--dataset random --input-len 32 --output-len 128 --num-prompts 4 --max-concur
 wait_http() { for _ in $(seq 1800); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done; echo "timeout: $1" >&2; return 1; }
 
 run_workloads() {  # system, base url
-  for w in A B C; do
+  for w in ${WORKLOADS:-A B C}; do
     # shellcheck disable=SC2086
     "$PY" "$HERE/bench_serving.py" --backend openai-completions --base-url "$2" ${!w} --seed 1 --no-progress \
       --tag system="$1" --tag workload="$w" --output-file "$OUT" | grep -E "Output token throughput|Median TTFT|Median TPOT" | sed "s/^/$1 $w: /"

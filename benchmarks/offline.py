@@ -174,7 +174,7 @@ def batch_sweep(engine: Engine, sizes: list[int], input_len: int, out_len: int, 
     roofline of decode steps of b sequences at their mean context."""
     kvb = engine.model_config.kv_bytes_per_token(engine.kv.pool.dtype)
     cuda = engine.device.type == "cuda"
-    chunk = engine.config.scheduler.chunked_prefill_size
+    chunk = engine.scheduler.cfg.chunked_prefill_size
     rows = []
     for b in sizes:
         if b > engine.config.scheduler.max_running_requests:
@@ -258,7 +258,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--max-running-requests", type=int, default=256)
-    ap.add_argument("--chunked-prefill-size", type=int, default=2048)
+    ap.add_argument("--chunked-prefill-size", type=int, default=0, help="0: 2048 on GPU, 512 on CPU")
     ap.add_argument("--max-total-tokens", type=int, default=None)
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--mem-fraction-static", type=float, default=CacheConfig.mem_fraction_static)

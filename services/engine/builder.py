@@ -110,7 +110,7 @@ def activation_reserve(config: EngineConfig, cfg: ModelConfig, model: torch.nn.M
     over a scratch pool, plus the sampler's fp32 logits copies of the largest batch, plus
     as much again for the CUDA graphs' pool (decode activations, far smaller), plus a
     fixed margin for allocator fragmentation and library workspaces."""
-    sc, ps = config.scheduler, config.cache.page_size
+    sc, ps = config.scheduler.for_device(device.type), config.cache.page_size
     tokens = min(max(sc.chunked_prefill_size, sc.max_running_requests), max_len - 1)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
@@ -171,7 +171,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     eos = tuple(sorted(set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())))
     return EngineParts(
         model_config=cfg, tokenizer=tokenizer, device=device, dtype=dtype, kv=kv,
-        scheduler=Scheduler(config.scheduler, kv),
+        scheduler=Scheduler(config.scheduler.for_device(device.type), kv),
         runner=runner,
         sampler=Sampler(seed=config.seed),
         context_len=context_len, eos_token_ids=eos,

@@ -120,8 +120,16 @@ class CacheConfig:
 class SchedulerConfig:
     schedule_policy: str = "lpm"      # fcfs | lpm
     max_running_requests: int = 256
-    chunked_prefill_size: int = 2048  # per-step token budget for new (prefill) tokens
+    chunked_prefill_size: int = 0     # per-step token budget for new (prefill) tokens; 0: by device
     new_token_ratio: float = 0.4      # share of max_new_tokens reserved at admission
+
+    def for_device(self, device_type: str) -> "SchedulerConfig":
+        """0 budget -> 2048 tokens on GPU, 512 on CPU: a CPU computes ~300 prompt tokens a
+        second per 100M parameters, so a 2048-token step would stall every decode for
+        seconds, and a burst of prompts gets its first tokens in larger waves."""
+        if self.chunked_prefill_size > 0:
+            return self
+        return dataclasses.replace(self, chunked_prefill_size=512 if device_type == "cpu" else 2048)
 
 
 @dataclass(frozen=True)

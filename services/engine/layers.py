@@ -24,7 +24,7 @@ from kernels.cpu import quant as quant_kernels
 GEMV_MAX_TOKENS = 128
 # Up to this many tokens an fp32 matmul reads the GGUF blocks (kernels/cpu/quant)
 # instead of the fp32 weight: bound by the weight bytes below it, by FMAs above.
-QGEMV_MAX_TOKENS = 32
+QGEMV_MAX_TOKENS = 64
 
 
 def fused_cpu(x: torch.Tensor) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -95,7 +96,8 @@ class EngineLoop:
     def _run(self) -> None:
         cache = self.engine.kv.cache
         threads = None
-        if self.engine.device.type == "cpu" and torch.get_num_threads() > 1:
+        if (self.engine.device.type == "cpu" and torch.get_num_threads() > 1
+                and os.environ.get("TANDEM_STEP_THREADS", "1") != "0"):
             threads = StepThreads(torch.get_num_threads())
         while not self._stop.is_set():
             self._run_commands(block=not self.engine.has_unfinished())

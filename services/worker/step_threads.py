@@ -5,8 +5,10 @@ memory bandwidth, which one core of this VM nearly saturates; with two
 threads, each parallel region waits at its barrier whenever another process
 on the machine (the gateway, a client) holds one of the cores. Workload C of
 issue 3 (one request at a time, collocated, 2 cores): TPOT 19.3 ms with 2
-threads, 15.7 ms with 1. Prefill chunks and larger decode batches are
-compute-bound and keep every thread.
+threads, 15.7 ms with 1 (Zen 4, bf16); on a Zen 3 (AVX2, fp32 with GGUF
+block matmuls) 40.6 ms with 2 and 29.3 ms with 1, although offline the
+matmuls alone run 2x faster on 2 threads. Prefill chunks and larger decode
+batches keep every thread. TANDEM_STEP_THREADS=0 turns this off.
 """
 from __future__ import annotations
 
