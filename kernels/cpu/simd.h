@@ -5,7 +5,7 @@
 #pragma once
 #include <immintrin.h>
 #include <cstdint>
-#include <ATen/core/TensorBody.h>
+#include <c10/util/BFloat16.h>
 
 #if defined(__AVX512F__)
 
