@@ -45,7 +45,7 @@ def supported(ggml_type: int, n: int, k: int) -> bool:
 def pack(blocks: np.ndarray, ggml_type: int, n: int, k: int) -> QuantWeight:
     """GGUF blocks of a [n, k] weight (uint8, n rows of k / 32 blocks, rows in the
     model's order) -> the panel layout qgemv reads."""
-    raw = torch.from_numpy(np.array(blocks, dtype=np.uint8).reshape(-1))     # a copy: GGUF maps are read-only
+    raw = torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1))
     return QuantWeight(_ext().pack_q(raw, n, k, ggml_type), n, k, GGML_TYPES[ggml_type][1])
 
 

@@ -4,8 +4,8 @@ The folder holds config.json, generation_config.json, one fp32 model.safetensors
 tokenizer.json, tokenizer_config.json and special_tokens_map.json, and loads as-is
 with transformers and vLLM. Beside them, gguf_blocks/blocks.safetensors keeps the
 quantized 2-D weights as the file stored them (uint8 blocks, rows in HF order,
-the GGML type of each in the metadata): CPU decode reads those (gguf_weights.py). Supported: architectures `llama` (Llama, Mistral,
-SmolLM) and `qwen2`, with byte-level BPE tokenizers (`tokenizer.ggml.model` gpt2).
+the GGML type of each in the metadata): CPU decode reads those (gguf_weights.py).
+Supported: architectures `llama` (Llama, Mistral, SmolLM) and `qwen2`, with byte-level BPE tokenizers (`tokenizer.ggml.model` gpt2).
 
 Weights are dequantized with gguf.quants.dequantize, bit for bit. The folder is
 built in a temporary sibling and renamed into place, so a crash never leaves half
@@ -202,11 +202,18 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
+def hf_rows(name: str, rows: np.ndarray, cfg: dict[str, Any]) -> np.ndarray:
+    """The rows of tensor `name` (fp32 values or raw blocks, one row per output) in
+    HF order: llama.cpp's q/k permutation undone for Llama."""
+    proj = name.split(".")[-2]
+    if cfg["model_type"] != "llama" or proj not in ("q_proj", "k_proj"):
+        return rows
+    return unpermute_qk(rows, cfg["num_attention_heads"] if proj == "q_proj" else cfg["num_key_value_heads"])
+
+
 def iter_hf_tensors(reader, cfg: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, fp32 array) for every tensor, in file order."""
     from gguf.quants import dequantize
-    permute = cfg["model_type"] == "llama"
-    heads = {"self_attn.q_proj": cfg["num_attention_heads"], "self_attn.k_proj": cfg["num_key_value_heads"]}
     for t in reader.tensors:
         name = hf_tensor_name(t.name)
         if name is None:
@@ -215,27 +222,18 @@ def iter_hf_tensors(reader, cfg: dict[str, Any]) -> Iterator[tuple[str, np.ndarr
             w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         except NotImplementedError as e:
             raise GGUFError(f"tensor {t.name}: {e}") from e
-        w = w.reshape([int(d) for d in reversed(t.shape)])
-        proj = name.split(".")[-2] if permute else None
-        if proj in ("q_proj", "k_proj"):
-            w = unpermute_qk(w, heads[f"self_attn.{proj}"])
-        yield name, w
+        yield name, hf_rows(name, w.reshape([int(d) for d in reversed(t.shape)]), cfg)
 
 
 def quant_blocks(reader, cfg: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The raw blocks of every quantized 2-D tensor: (HF name -> uint8 [rows, bytes],
-    HF name -> GGML type id as a string), rows reordered as iter_hf_tensors does."""
-    permute = cfg["model_type"] == "llama"
-    heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
+    HF name -> GGML type id as a string), rows in HF order as iter_hf_tensors gives them."""
     blocks, types = {}, {}
     for t in reader.tensors:
         name = hf_tensor_name(t.name)
         if name is None or len(t.shape) != 2 or int(t.tensor_type) in _PLAIN_TYPES:
             continue
-        b = np.asarray(t.data).reshape(int(t.shape[1]), -1)
-        proj = name.split(".")[-2] if permute else None
-        if proj in heads:
-            b = unpermute_qk(b, heads[proj])
+        b = hf_rows(name, np.asarray(t.data).reshape(int(t.shape[1]), -1), cfg)
         blocks[name], types[name] = np.ascontiguousarray(b), str(int(t.tensor_type))
     return blocks, types
 

@@ -1,6 +1,7 @@
 """kernels/cpu/quant: fp32 matmuls on GGUF blocks, against gguf's own dequantization."""
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -9,7 +10,6 @@ from kernels import cpu as K
 from kernels.cpu import quant
 
 pytestmark = pytest.mark.skipif(not K.available(), reason="CPU kernels need AVX2 (or AVX-512) and a compiler")
-gguf = pytest.importorskip("gguf")
 
 
 def _blocks(qtype: "gguf.GGMLQuantizationType", n: int, k: int, seed: int) -> np.ndarray:

@@ -75,6 +75,11 @@ _STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qk
             "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
+def _num_parts(name: str) -> int:
+    """How many checkpoint tensors a parameter or module of ours is stacked from."""
+    return 3 if "qkv_proj" in name else 2 if "gate_up_proj" in name else 1
+
+
 @register_model("llama")
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
@@ -157,7 +162,7 @@ class LlamaForCausalLM(nn.Module):
             mod = modules.get(mod_name)
             if not isinstance(mod, Linear):
                 continue
-            want = 3 if mod_name.endswith("qkv_proj") else 2 if mod_name.endswith("gate_up_proj") else 1
+            want = _num_parts(mod_name)
             if sorted(got) != list(range(want)):
                 continue
             try:
@@ -208,8 +213,7 @@ class LlamaForCausalLM(nn.Module):
     def _check_complete(self, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
         missing = []
         for name, p in params.items():
-            parts = 3 if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias") else \
-                2 if "gate_up_proj" in name else 1
+            parts = _num_parts(name)
             have = [name in loaded] if parts == 1 else [f"{name}#{i}" in loaded for i in range(parts)]
             if not all(have):
                 missing.append(name)
