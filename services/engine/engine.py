@@ -66,6 +66,7 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._reserved: dict[str, Request] = {}     # decode role: waiting for their KV
         self._ids = itertools.count()
+        self.last_batch: ScheduledBatch | None = None     # what the latest step scheduled
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
@@ -169,7 +170,7 @@ class Engine:
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        batch = self.scheduler.schedule()
+        batch = self.last_batch = self.scheduler.schedule()
         if batch is not None:
             self._advance(batch, self.executor.run(batch, self._sampling_batch(batch)))
         return self._postprocess(self.executor.collect())

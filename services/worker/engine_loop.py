@@ -5,10 +5,18 @@ loop. Between two steps the engine thread runs the commands the handlers sent
 (add a request, abort, reserve pages, ...); after each step it hands every new
 output to its request's sink and every KV event to the subscribers, in one
 call_soon_threadsafe per step.
+
+The engine thread also builds the engine: every torch op of the process runs
+on it. OpenMP keeps a thread team per calling thread, and libgomp stops
+spinning (sleeps on a futex at every barrier) once its teams hold more
+threads than there are cores; a model loaded on another thread that stays
+alive left a second team and made every CPU step ~1.6x slower (workload A of
+issue 3, decode steps of 16 requests: 125 ms served against 79 ms offline).
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import queue
@@ -17,11 +25,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-import torch
-
 from services.engine.engine import Engine, StepOutput
-
-from .step_threads import StepThreads
 
 log = logging.getLogger(__name__)
 
@@ -29,26 +33,34 @@ _IDLE_WAIT_S = 0.5
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, aio: asyncio.AbstractEventLoop):
-        self.engine = engine
+    def __init__(self, aio: asyncio.AbstractEventLoop):
+        self.engine: Engine | None = None          # set by start()
         self.aio = aio
         self.sinks: dict[str, Any] = {}        # rid -> where its outputs go (put_nowait), event-loop side
         self.subscribers: set[asyncio.Queue] = set()          # KV event lists, event-loop side
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
+        self._thread: threading.Thread | None = None
         self.num_steps = 0
         from . import metrics
         self.step_seconds = metrics.STEP_SECONDS
+        trace = os.environ.get("TANDEM_STEP_TRACE")     # a JSON line per step, for diagnosing schedules
+        self._trace = open(trace, "a", buffering=1) if trace else None
 
     # -- event-loop side -------------------------------------------------------------------------
-    def start(self) -> None:
+    async def start(self, build: Callable[[], Engine]) -> Engine:
+        """Start the engine thread; it runs build() and then the engine. The built engine."""
+        ready = self.aio.create_future()
+        self._thread = threading.Thread(target=self._main, args=(build, ready), name="tandem-engine",
+                                        daemon=True)
         self._thread.start()
+        return await ready
 
     def stop(self) -> None:
         self._stop.set()
         self._cmds.put(None)
-        self._thread.join(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
     async def call(self, fn: Callable, *args, **kwargs) -> Any:
         """Run fn on the engine thread between steps; its result or exception."""
@@ -93,29 +105,44 @@ class EngineLoop:
         """From a command: hand outputs to their sinks, in order with the step outputs."""
         self.aio.call_soon_threadsafe(self._deliver, outputs, [])
 
+    def _main(self, build: Callable[[], Engine], ready: asyncio.Future) -> None:
+        try:
+            self.engine = build()
+        except BaseException as e:
+            self.aio.call_soon_threadsafe(self._resolve, ready, None, e)
+            return
+        self.aio.call_soon_threadsafe(self._resolve, ready, self.engine, None)
+        self._run()
+
     def _run(self) -> None:
         cache = self.engine.kv.cache
-        threads = None
-        if (self.engine.device.type == "cpu" and torch.get_num_threads() > 1
-                and os.environ.get("TANDEM_STEP_THREADS", "1") != "0"):
-            threads = StepThreads(torch.get_num_threads())
         while not self._stop.is_set():
             self._run_commands(block=not self.engine.has_unfinished())
             outputs: list[StepOutput] = []
             if self.engine.has_unfinished():
                 try:
-                    if threads is not None:
-                        threads.before_step(self.engine.scheduler)
                     t0 = time.perf_counter()
                     outputs = self.engine.step()
-                    self.step_seconds.observe(time.perf_counter() - t0)
+                    dt = time.perf_counter() - t0
+                    self.step_seconds.observe(dt)
                     self.num_steps += 1
+                    if self._trace is not None:
+                        self._trace_step(t0, dt)
                 except Exception:                      # a bug: fail what runs, keep serving
                     log.error("engine step failed:\n%s", traceback.format_exc())
                     outputs = self._fail_all()
             events = cache.drain_events() if cache is not None and cache.enable_events else []
             if outputs or events:
                 self.aio.call_soon_threadsafe(self._deliver, outputs, events)
+
+    def _trace_step(self, t0: float, dt: float) -> None:
+        batch, sched = self.engine.last_batch, self.engine.scheduler
+        chunks = batch.chunks if batch is not None else ()
+        self._trace.write(json.dumps({
+            "t": round(t0, 4), "dt": round(dt, 4),
+            "decode": sum(1 for c in chunks if c.n == 1),
+            "prefill_tokens": sum(c.n for c in chunks if c.n > 1),
+            "running": len(sched.running), "waiting": len(sched.waiting)}) + "\n")
 
     def _run_commands(self, block: bool) -> None:
         try:

@@ -34,9 +34,14 @@ class WorkerConfig:
     threads: int = 0                    # torch intra-op threads; 0: torch's default (all cores)
 
 
-def _build_engine(ecfg):
+def _build_engine(ecfg, threads: int):
+    """On the engine thread (see engine_loop): torch's thread count is per calling thread."""
+    import torch
+
     from services.engine.engine import Engine
     from services.engine.sampling_params import SamplingParams
+    if threads > 0:
+        torch.set_num_threads(threads)
     engine = Engine(ecfg)
     # Warm-up: the first forward loads kernels and allocates; do it before serving.
     engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2, temperature=0.0))
@@ -49,8 +54,6 @@ def _build_engine(ecfg):
 async def serve(wcfg: WorkerConfig, ecfg) -> None:
     import dataclasses
 
-    import torch
-
     from services.transfer import KvLayout, get_backend
 
     from . import metrics
@@ -60,17 +63,14 @@ async def serve(wcfg: WorkerConfig, ecfg) -> None:
 
     if wcfg.role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {wcfg.role!r}")
-    if wcfg.threads > 0:
-        torch.set_num_threads(wcfg.threads)
     t0 = time.perf_counter()
     ecfg = dataclasses.replace(ecfg, cache=dataclasses.replace(ecfg.cache, kv_events=True))
-    engine = await asyncio.to_thread(_build_engine, ecfg)
+    loop = EngineLoop(asyncio.get_running_loop())
+    engine = await loop.start(lambda: _build_engine(ecfg, wcfg.threads))
     pool = engine.kv.pool
     layout = KvLayout(pool.num_layers, pool.num_kv_heads, pool.head_dim, str(pool.dtype).removeprefix("torch."))
-    loop = EngineLoop(engine, asyncio.get_running_loop())
     state = WorkerState(loop=loop, role=wcfg.role, transfer=get_backend(wcfg.transfer_backend, layout),
                         prefill_timeout_s=wcfg.prefill_timeout_s)
-    loop.start()
 
     address = f"{wcfg.host}:{wcfg.port}"
     server, health_servicer = await start_server(
