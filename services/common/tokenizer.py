@@ -14,6 +14,7 @@ of recent ids per step (the prefix/read offsets of vLLM and SGLang).
 """
 from __future__ import annotations
 
+import codecs
 import json
 from datetime import datetime
 from functools import lru_cache
@@ -72,6 +73,7 @@ class Tokenizer:
         eos_ids = [eos] if eos is not None else []
         self.eos_token_ids: tuple[int, ...] = tuple(
             dict.fromkeys([*eos_ids, *_generation_eos(generation_config_json)]))
+        self._byte_pieces: dict[bool, list[bytes] | None] = {}
 
     @classmethod
     def from_strings(cls, tokenizer_json: str, tokenizer_config_json: str = "{}",
@@ -115,6 +117,15 @@ class Tokenizer:
         # could never add up to it. Streaming and final text use this one function.
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def byte_pieces(self, skip_special_tokens: bool = False) -> list[bytes] | None:
+        """Each id's bytes, when decode(ids) is b"".join(their bytes).decode("utf-8",
+        "replace") (a GPT-2 byte-level decoder and nothing else); else None.
+        Checked against decode() over the whole vocabulary once per flag."""
+        key = bool(skip_special_tokens)
+        if key not in self._byte_pieces:
+            self._byte_pieces[key] = _byte_pieces(self, key)
+        return self._byte_pieces[key]
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, *,
                     tools: list[dict] | None = None, documents: list[dict] | None = None,
                     **kwargs: Any) -> str:
@@ -147,6 +158,47 @@ class Tokenizer:
             raise ValueError(f"model {self.name!r} has no chat template: "
                              f"send a plain prompt (completions), not chat messages")
         return t
+
+
+@lru_cache(maxsize=1)
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character that stands for each byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _byte_pieces(tok: Tokenizer, skip_special_tokens: bool) -> list[bytes] | None:
+    try:
+        decoder = json.loads(tok.tokenizer_json).get("decoder") or {}
+    except ValueError:
+        return None
+    if decoder.get("type") != "ByteLevel":
+        return None
+    backend, chars = tok.backend, _gpt2_byte_decoder()
+    added = backend.get_added_tokens_decoder()
+    pieces = []
+    for i in range(backend.get_vocab_size(with_added_tokens=True)):
+        t = backend.id_to_token(i)
+        if t is None or (skip_special_tokens and i in added and added[i].special):
+            pieces.append(b"")
+        elif all(c in chars for c in t):           # as the ByteLevel decoder maps a token ...
+            pieces.append(bytes(chars[c] for c in t))
+        else:                                      # ... or, with a character outside it, keeps it
+            pieces.append(t.encode())
+    step = 512                                     # the proof: the whole vocabulary decodes alike
+    for start in range(0, len(pieces), step):
+        ids = list(range(start, min(start + step, len(pieces))))
+        if b"".join(pieces[i] for i in ids).decode("utf-8", "replace") != tok.decode(ids, skip_special_tokens):
+            return None
+    return pieces
 
 
 def _token_content(tok: Any) -> str | None:
@@ -256,6 +308,12 @@ class IncrementalDetokenizer:
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
+        # Byte-level tokenizers: each id's bytes through an incremental UTF-8 decoder, which
+        # holds back a character's first bytes as the window does, at a fraction of its cost.
+        byte_pieces = getattr(tokenizer, "byte_pieces", None)
+        self._pieces = byte_pieces(skip_special_tokens) if byte_pieces is not None else None
+        if self._pieces is not None:
+            self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
 
     def _decode(self, start: int, end: int | None = None) -> str:
         return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=self.skip_special_tokens)
@@ -263,6 +321,10 @@ class IncrementalDetokenizer:
     def add(self, token_ids: Sequence[int]) -> str:
         """The new text; '' while the newest bytes are an incomplete character."""
         self.ids.extend(token_ids)
+        pieces = self._pieces
+        if pieces is not None:
+            n = len(pieces)
+            return self._utf8.decode(b"".join([pieces[i] if 0 <= i < n else b"" for i in token_ids]))
         prefix_text = self._decode(self.prefix_offset, self.read_offset)
         new_text = self._decode(self.prefix_offset)
         # Held back: a character split across tokens decodes to U+FFFD until its
@@ -274,6 +336,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Whatever is still held back, as decode() renders it; call at the end."""
+        if self._pieces is not None:
+            return self._utf8.decode(b"", final=True)
         if self.read_offset == len(self.ids):
             return ""
         prefix_text = self._decode(self.prefix_offset, self.read_offset)

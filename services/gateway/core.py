@@ -12,7 +12,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -28,11 +27,18 @@ from .decode_mux import WorkerCallError, update_error
 from .index import GlobalIndex
 from .router import Router
 from .stop_strings import StopStrings
-from .types import ApiError, GenChunk, GenRequest
+from .types import ApiError, GenChunk, GenRequest, new_id
 from .workers import Worker
 
 log = logging.getLogger("tandem.gateway")
 
+
+
+def _load_tokenizer(info: worker_pb2.InfoResponse) -> Tokenizer:
+    tok = Tokenizer.from_strings(info.tokenizer_json, info.tokenizer_config_json or "{}", "{}", info.model)
+    for skip in (False, True):      # the detokenizer's tables, now rather than in a first request
+        tok.byte_pieces(skip)
+    return tok
 
 
 @dataclass
@@ -71,8 +77,7 @@ class Gateway:
         return task
 
     async def _load_model(self, info: worker_pb2.InfoResponse) -> None:
-        tok = await asyncio.to_thread(Tokenizer.from_strings, info.tokenizer_json,
-                                      info.tokenizer_config_json or "{}", "{}", info.model)
+        tok = await asyncio.to_thread(_load_tokenizer, info)
         self.models[info.model] = ModelEntry(info.model, tok, info.context_length, info.vocab_size)
         log.warning("model %s: tokenizer loaded from worker (context %d)", info.model, info.context_length)
 
@@ -121,8 +126,9 @@ class Gateway:
         self.inflight += 1
         metrics.INFLIGHT.inc()
         try:
-            rid = req.request_id or uuid.uuid4().hex
+            rid = req.request_id or new_id()
             detok = IncrementalDetokenizer(entry.tokenizer, req.skip_special_tokens)
+            lp = req.params.logprobs
             stops = StopStrings(req.stop, req.include_stop_str) if req.stop else None
             out_ids: list[int] = []
             tried: set[str] = set()
@@ -156,15 +162,15 @@ class Gateway:
                         last = ups[-1]
                         if isinstance(last, WorkerCallError):
                             ups.pop()
-                        ids = [t for u in ups for t in u.token_ids]
+                        ids = list(ups[0].token_ids) if len(ups) == 1 else [t for u in ups for t in u.token_ids]
                         if isinstance(last, WorkerCallError) or last.error_code:
                             out_ids += ids                # what did arrive still counts on a retry
                             if ids:
-                                yield self._chunk(ids, ups, detok, stops, None)[0]
+                                yield self._chunk(ids, ups, detok, stops, None, lp)[0]
                             raise last if isinstance(last, WorkerCallError) else update_error(last)
                         out_ids += ids
                         reason = last.finish_reason or None
-                        chunk, reason = self._chunk(ids, ups, detok, stops, reason)
+                        chunk, reason = self._chunk(ids, ups, detok, stops, reason, lp)
                         if reason:
                             chunk.prompt_tokens = len(req.prompt_ids)
                             chunk.completion_tokens = len(out_ids)
@@ -204,7 +210,7 @@ class Gateway:
             raise ApiError(503, f"request failed on {failures} workers: {details}", retry_after=1) from None
 
     @staticmethod
-    def _chunk(ids, ups, detok, stops, reason):
+    def _chunk(ids, ups, detok, stops, reason, logprobs: bool):
         """The GenChunk of these new ids (text through the detokenizer and stop strings)."""
         text = detok.add(ids)
         if reason:
@@ -213,5 +219,6 @@ class Gateway:
             text, hit = stops.feed(text, final=reason is not None)
             if hit:
                 reason = "stop"
-        lps = [(lp.logprob, [(t.token_id, t.logprob) for t in lp.top]) for u in ups for lp in u.logprobs]
+        lps = [(lp.logprob, [(t.token_id, t.logprob) for t in lp.top])
+               for u in ups for lp in u.logprobs] if logprobs else []
         return GenChunk(ids, text, lps, reason), reason

@@ -2,7 +2,10 @@
 
 The generation routes are plain ASGI (GenerationApp), everything else is
 FastAPI. Streaming answers are Server-Sent Events, written once per batch of
-tokens the worker sends (one token each at low load). Errors use OpenAI's body
+tokens the worker sends (one token each at low load): each route has a
+renderer, a plain function from a GenChunk to the bytes of its events (the
+last one's end with [DONE] and go out with the end of the body, in one
+write). Errors use OpenAI's body
 {"error": {"message", "type", "param", "code"}} with the matching HTTP status;
 an error after the stream started is sent as a last event before [DONE].
 """
@@ -13,8 +16,7 @@ import hashlib
 import json
 import logging
 import time
-import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
@@ -23,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from . import metrics
 from .core import Gateway
 from .parse import Parsed, parse_chat, parse_completion, parse_generate
-from .types import ApiError, GenChunk
+from .types import ApiError, GenChunk, new_id as _new_id
 
 log = logging.getLogger("tandem.gateway")
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -90,7 +92,7 @@ class GenerationApp:
             return await _send_error(send, ApiError(500, f"internal error: {type(e).__name__}: {e}"))
         metrics.REQUESTS.labels(name, "200").inc()
         if p.stream:
-            return await _send_sse(stream_fn(p, _chain(first, gen)), receive, send)
+            return await _send_sse(stream_fn(p), first, gen, receive, send)
         try:
             out = await full_fn(p, _chain(first, gen))
         except ApiError as e:
@@ -134,10 +136,14 @@ async def _send_error(send, e: ApiError) -> None:
                                                 "code": e.code}}, headers)
 
 
-async def _send_sse(events: AsyncIterator[bytes], receive, send) -> None:
-    """Server-sent events straight onto the ASGI send channel. One task watches
-    for the client going away and cancels the stream, which cancels the worker
-    call and frees the request's pages."""
+Renderer = Callable[[GenChunk], bytes]
+
+
+async def _send_sse(render: Renderer, first: GenChunk, rest: AsyncIterator[GenChunk], receive, send) -> None:
+    """Server-sent events straight onto the ASGI send channel, one write per chunk;
+    the last chunk's events, [DONE] and the end of the body go in one. One task
+    watches for the client going away and cancels the stream, which cancels the
+    worker call and frees the request's pages."""
     await send({"type": "http.response.start", "status": 200, "headers": _SSE_RAW_HEADERS})
     task = asyncio.current_task()
 
@@ -149,17 +155,25 @@ async def _send_sse(events: AsyncIterator[bytes], receive, send) -> None:
     watcher = asyncio.create_task(watch())
     try:
         try:
-            async for chunk in events:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            body = render(first)
+            if first.finish_reason is None:
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+                async for c in rest:
+                    body = render(c)
+                    if c.finish_reason is not None:
+                        break
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                else:                         # the stream ended without a last chunk
+                    body = _DONE
         except ApiError as e:                 # mid-stream: the status line is out, so a last event says it
-            await send({"type": "http.response.body", "body": _error_event(e) + _DONE, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            body = _error_event(e) + _DONE
+        await send({"type": "http.response.body", "body": body, "more_body": False})
     except asyncio.CancelledError:
         if not watcher.done():
             raise
     finally:
         watcher.cancel()
-        await events.aclose()
+        await rest.aclose()
 
 
 def build_app(gw: Gateway) -> GenerationApp:
@@ -220,22 +234,31 @@ def _chat_logprobs(p: Parsed, c: GenChunk) -> dict | None:
     return {"content": content}
 
 
-async def _chat_stream(p: Parsed, chunks: AsyncIterator[GenChunk]) -> AsyncIterator[bytes]:
-    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+def _chat_stream(p: Parsed) -> Renderer:
+    cid, created = f"chatcmpl-{_new_id()}", int(time.time())
     head = ('data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,"choices":['
             % (cid, created, _dumps(p.entry.name))).encode()
-    yield head + b'{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
-    async for c in chunks:
+    started = False
+
+    def render(c: GenChunk) -> bytes:
+        nonlocal started
+        out = []
+        if not started:
+            started = True
+            out.append(head + b'{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
+                              b'"finish_reason":null}]}\n\n')
         lp = _chat_logprobs(p, c)
         if c.text or lp:
-            yield head + _dumps({"index": 0, "delta": {"content": c.text}, "logprobs": lp,
-                                 "finish_reason": None}).encode() + b"]}\n\n"
+            out.append(head + _dumps({"index": 0, "delta": {"content": c.text}, "logprobs": lp,
+                                      "finish_reason": None}).encode() + b"]}\n\n")
         if c.finish_reason:
-            yield head + _dumps({"index": 0, "delta": {}, "logprobs": None,
-                                 "finish_reason": c.finish_reason}).encode() + b"]}\n\n"
+            out.append(head + _dumps({"index": 0, "delta": {}, "logprobs": None,
+                                      "finish_reason": c.finish_reason}).encode() + b"]}\n\n")
             if p.include_usage:
-                yield head + b'],"usage":' + _dumps(_usage(c)).encode() + b"}\n\n"
-    yield _DONE
+                out.append(head + b'],"usage":' + _dumps(_usage(c)).encode() + b"}\n\n")
+            out.append(_DONE)
+        return b"".join(out)
+    return render
 
 
 async def _chat_full(p: Parsed, chunks: AsyncIterator[GenChunk]) -> dict:
@@ -245,7 +268,7 @@ async def _chat_full(p: Parsed, chunks: AsyncIterator[GenChunk]) -> dict:
         if p.logprobs is not None:
             lps += _chat_logprobs(p, c)["content"]
         last = c
-    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+    return {"id": f"chatcmpl-{_new_id()}", "object": "chat.completion", "created": int(time.time()),
             "model": p.entry.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(texts)},
                          "logprobs": {"content": lps} if p.logprobs is not None else None,
@@ -262,17 +285,22 @@ def _completion_logprobs(p: Parsed, c: GenChunk) -> dict | None:
             "top_logprobs": [{_token_text(p, t): v for t, v in top} for _, top in c.logprobs]}
 
 
-async def _completion_stream(p: Parsed, chunks: AsyncIterator[GenChunk]) -> AsyncIterator[bytes]:
-    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+def _completion_stream(p: Parsed) -> Renderer:
+    cid, created = f"cmpl-{_new_id()}", int(time.time())
     head = ('data: {"id":"%s","object":"text_completion","created":%d,"model":%s,"choices":['
             % (cid, created, _dumps(p.entry.name))).encode()
-    async for c in chunks:
+
+    def render(c: GenChunk) -> bytes:
+        out = b""
         if c.text or c.finish_reason or p.logprobs is not None:
-            yield head + _dumps({"index": 0, "text": c.text, "logprobs": _completion_logprobs(p, c),
+            out = head + _dumps({"index": 0, "text": c.text, "logprobs": _completion_logprobs(p, c),
                                  "finish_reason": c.finish_reason}).encode() + b"]}\n\n"
-        if c.finish_reason and p.include_usage:
-            yield head + b'],"usage":' + _dumps(_usage(c)).encode() + b"}\n\n"
-    yield _DONE
+        if c.finish_reason:
+            if p.include_usage:
+                out += head + b'],"usage":' + _dumps(_usage(c)).encode() + b"}\n\n"
+            out += _DONE
+        return out
+    return render
 
 
 async def _completion_full(p: Parsed, chunks: AsyncIterator[GenChunk]) -> dict:
@@ -284,7 +312,7 @@ async def _completion_full(p: Parsed, chunks: AsyncIterator[GenChunk]) -> dict:
             for k, v in _completion_logprobs(p, c).items():
                 lps[k] += v
         last = c
-    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+    return {"id": f"cmpl-{_new_id()}", "object": "text_completion", "created": int(time.time()),
             "model": p.entry.name,
             "choices": [{"index": 0, "text": "".join(texts), "logprobs": lps if p.logprobs is not None else None,
                          "finish_reason": last.finish_reason}],
@@ -308,14 +336,16 @@ def _meta(p: Parsed, rid: str, n: int, c: GenChunk, t0: float) -> dict:
     return m
 
 
-async def _generate_stream(p: Parsed, chunks: AsyncIterator[GenChunk]) -> AsyncIterator[bytes]:
-    """One event per token with the cumulative text and ids, as SGLang streams; the
-    events of one worker message go out in one write."""
-    rid, t0 = p.req.request_id or uuid.uuid4().hex, time.perf_counter()
+def _generate_stream(p: Parsed) -> Renderer:
+    """One event per token with the cumulative text and ids, as SGLang streams."""
+    rid, t0 = p.req.request_id or _new_id(), time.perf_counter()
     text, ids, csv = "", [], ""              # csv: the ids so far, as the JSON list's inside
     mid = ('],"meta_info":{"id":%s,"prompt_tokens":%d,"completion_tokens":' % (
         _dumps(rid), len(p.req.prompt_ids)))
-    async for c in chunks:
+
+    def render(c: GenChunk) -> bytes:
+        nonlocal text, csv
+        before = _dumps(text) if len(c.token_ids) > 1 else ""   # every event's text but the last's
         text += c.text
         events = []
         last = len(c.token_ids) - 1
@@ -323,18 +353,18 @@ async def _generate_stream(p: Parsed, chunks: AsyncIterator[GenChunk]) -> AsyncI
             ids.append(tid)
             csv = f"{csv},{tid}" if csv else str(tid)
             if i < last or not c.finish_reason:
-                head = _dumps(text if i == last else text[:len(text) - len(c.text)])
                 events.append('data: {"text":%s,"output_ids":[%s%s%d,"cached_tokens":0,"finish_reason":null}}\n\n'
-                              % (head, csv, mid, len(ids)))
+                              % (_dumps(text) if i == last else before, csv, mid, len(ids)))
         if c.finish_reason:
             events.append("data: " + _dumps({"text": text, "output_ids": ids,
                                              "meta_info": _meta(p, rid, len(ids), c, t0)}) + "\n\n")
-        yield "".join(events).encode()
-    yield _DONE
+        out = "".join(events).encode()
+        return out + _DONE if c.finish_reason else out
+    return render
 
 
 async def _generate_full(p: Parsed, chunks: AsyncIterator[GenChunk]) -> dict:
-    rid, t0 = p.req.request_id or uuid.uuid4().hex, time.perf_counter()
+    rid, t0 = p.req.request_id or _new_id(), time.perf_counter()
     texts, ids, last = [], [], None
     async for c in chunks:
         texts.append(c.text)

@@ -5,9 +5,19 @@ nothing below them sees JSON or protobuf.
 """
 from __future__ import annotations
 
+import itertools
+import uuid
 from dataclasses import dataclass, field
 
 from services.common.sampling_params import SamplingParams
+
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_ID_COUNTER = itertools.count()
+
+
+def new_id() -> str:
+    """A request or response id: random per process, then counted (uuid4 reads os.urandom each time)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
 class ApiError(Exception):

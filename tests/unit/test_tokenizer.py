@@ -142,6 +142,39 @@ def test_detokenizer_property(tok, parts, chunk, skip):
     assert not any("\ufffd" in p for p in pieces)
 
 
+def test_byte_level_fast_path_equals_decode(tok):
+    """SmolLM2's decoder is GPT-2 byte-level: the detokenizer joins each id's bytes. Any ids
+    (raw byte tokens that cut characters, special tokens, ids past the vocabulary), cut into
+    any chunks, add up to decode()."""
+    import random
+    assert tok.byte_pieces(False) is not None and tok.byte_pieces(True) is not None
+    rng = random.Random(0)
+    byte_tokens = [tok.backend.token_to_id(c) for c in "ĠÃ¤Ĳðŀ"]
+    for _ in range(200):
+        ids = [rng.choice([rng.randrange(tok.vocab_size), rng.choice(byte_tokens), rng.randrange(4),
+                           tok.vocab_size + 7]) for _ in range(rng.randrange(1, 30))]
+        skip = rng.random() < 0.5
+        detok = IncrementalDetokenizer(tok, skip_special_tokens=skip)
+        assert detok._pieces is not None
+        out, i = [], 0
+        while i < len(ids):
+            n = rng.randrange(1, 4)
+            out.append(detok.add(ids[i:i + n]))
+            i += n
+        assert "".join(out) + detok.flush() == tok.decode(ids, skip_special_tokens=skip), ids
+
+
+def test_other_decoders_keep_the_window(folder):
+    cfg = json.loads((folder / "tokenizer.json").read_text())
+    cfg["decoder"] = {"type": "Sequence", "decoders": [cfg["decoder"], {"type": "Strip", "content": " ",
+                                                                         "start": 1, "stop": 0}]}
+    other = Tokenizer(json.dumps(cfg), (folder / "tokenizer_config.json").read_text())
+    assert other.byte_pieces() is None
+    ids = other.encode(" Hello there, 世界")
+    assert IncrementalDetokenizer(other)._pieces is None
+    assert "".join(_stream(other, ids)) == other.decode(ids)
+
+
 # -- against transformers (imported in the tests only) -------------------------------------------
 
 MORE_TEXTS = TEXTS + [
