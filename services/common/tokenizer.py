@@ -161,38 +161,37 @@ class Tokenizer:
 
 
 @lru_cache(maxsize=1)
-def _gpt2_byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet: the printable character that stands for each byte."""
+def _gpt2_byte_table() -> dict[int, str]:
+    """str.translate table from GPT-2's byte-level alphabet (a printable character for each
+    byte) to the byte as a latin-1 character; any other character below U+0144 goes to
+    U+FFFF, which latin-1 cannot encode, as does every character above."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
             *range(ord("\u00ae"), ord("\u00ff") + 1)]
-    chars, extra = {}, 0
+    table, extra = {cp: "\uffff" for cp in range(256 + 68)}, 0
     for b in range(256):
         if b in keep:
-            chars[chr(b)] = b
+            table[b] = chr(b)
         else:
-            chars[chr(256 + extra)] = b
+            table[256 + extra] = chr(b)
             extra += 1
-    return chars
+    return table
 
 
 def _byte_pieces(tok: Tokenizer, skip_special_tokens: bool) -> list[bytes] | None:
-    try:
-        decoder = json.loads(tok.tokenizer_json).get("decoder") or {}
-    except ValueError:
+    backend = tok.backend
+    if type(backend.decoder).__name__ != "ByteLevel":
         return None
-    if decoder.get("type") != "ByteLevel":
-        return None
-    backend, chars = tok.backend, _gpt2_byte_decoder()
-    added = backend.get_added_tokens_decoder()
-    pieces = []
-    for i in range(backend.get_vocab_size(with_added_tokens=True)):
-        t = backend.id_to_token(i)
-        if t is None or (skip_special_tokens and i in added and added[i].special):
-            pieces.append(b"")
-        elif all(c in chars for c in t):           # as the ByteLevel decoder maps a token ...
-            pieces.append(bytes(chars[c] for c in t))
-        else:                                      # ... or, with a character outside it, keeps it
-            pieces.append(t.encode())
+    table = _gpt2_byte_table()
+    pieces = [b""] * backend.get_vocab_size(with_added_tokens=True)
+    for t, i in backend.get_vocab(with_added_tokens=True).items():
+        try:                                       # as the ByteLevel decoder maps a token ...
+            pieces[i] = t.translate(table).encode("latin-1")
+        except UnicodeEncodeError:                 # ... or, with a character outside it, keeps it
+            pieces[i] = t.encode()
+    if skip_special_tokens:
+        for i, added in backend.get_added_tokens_decoder().items():
+            if added.special:
+                pieces[i] = b""
     step = 512                                     # the proof: the whole vocabulary decodes alike
     for start in range(0, len(pieces), step):
         ids = list(range(start, min(start + step, len(pieces))))
