@@ -11,7 +11,9 @@
 #           makes it: python3 -m venv $V; $V/bin/pip install sglang-router==0.3.2 aiohttp uvloop)
 #   direct2 (not in the default TARGETS) loadgen to both fake SGLang workers in turn
 # Cells: -c 1 -r 200 and -c 256 -r 2000, -n 64 tokens, keep-alive and
-# --fresh-conn, REPS times each. Everything on 127.0.0.1.
+# --fresh-conn, REPS times each, interleaved: every target's processes are up
+# the whole time and each cell runs once per target before the next. Everything
+# on 127.0.0.1.
 #
 #   bash benchmarks/gateway_overhead.sh                 # ~2-3 min on 2 cores
 #   REPS=1 TARGETS="direct tandem" bash benchmarks/gateway_overhead.sh
@@ -124,23 +126,11 @@ setting_args() { case $1 in c1) echo "-c 1 -r 200 -n 64" ;; c256) echo "-c 256 -
 mode_args() { case $1 in keepalive) echo "" ;; fresh) echo "--fresh-conn" ;;
               *) echo "unknown mode $1" >&2; return 1 ;; esac; }
 
-run_cells() {  # target, cpu args..., -- urls...
-  local target=$1; shift
-  local cpu=() urls=() u s m rep
-  while [ "$1" != "--" ]; do cpu+=("$1"); shift; done; shift
-  for u in "$@"; do urls+=(--url "$u"); done
-  for s in $SETTINGS; do
-    for m in $MODES; do
-      for rep in $(seq "$REPS"); do
-        # shellcheck disable=SC2046
-        "$PY" "$PEERS/loadgen.py" "${urls[@]}" $(setting_args "$s") $(mode_args "$m") "${cpu[@]}" \
-          --tag target="$target" --tag setting="$s" --tag mode="$m" --tag rep="$rep" \
-          --tag commit="$COMMIT" >> "$RAW" \
-          || echo "loadgen exit $? ($target $s $m $rep)" >&2
-      done
-    done
-  done
-}
+# Every target's processes run side by side (each on its own ports, idle while
+# another is measured), and the cells go round the targets, one run each, rep
+# after rep: a slow spell of this shared VM then hits every target alike
+# instead of one target's whole block.
+declare -A CELL_ARGS  # target -> "--cpu NAME=PID ... --url URL ..."
 
 need_sglang_workers() {
   [ -n "${S1:-}" ] && return 0
@@ -148,16 +138,16 @@ need_sglang_workers() {
   start_sglang_worker "$S2_PORT"; S2=$LAST_PID
 }
 
+ACTIVE=()
 for t in $TARGETS; do
-  echo "== $t $(date -u +%H:%M:%S)" >&2
+  echo "== start $t $(date -u +%H:%M:%S)" >&2
   case $t in
     direct)
       need_sglang_workers
-      run_cells direct --cpu w1="$S1" -- "http://127.0.0.1:$S1_PORT" ;;
+      CELL_ARGS[direct]="--cpu w1=$S1 --url http://127.0.0.1:$S1_PORT" ;;
     direct2)
       need_sglang_workers
-      run_cells direct2 --cpu w1="$S1" --cpu w2="$S2" -- \
-        "http://127.0.0.1:$S1_PORT" "http://127.0.0.1:$S2_PORT" ;;
+      CELL_ARGS[direct2]="--cpu w1=$S1 --cpu w2=$S2 --url http://127.0.0.1:$S1_PORT --url http://127.0.0.1:$S2_PORT" ;;
     tandem)
       if ! "$VENV/bin/tandem" gateway --help > /dev/null 2>&1; then
         echo "skipping tandem: '$VENV/bin/tandem gateway' is not available" >&2; continue
@@ -170,11 +160,9 @@ for t in $TARGETS; do
         $GATEWAY_ARGS > "$LOGDIR/gateway.log" 2>&1 &
       GW=$!; PIDS+=("$GW")
       wait_http "http://127.0.0.1:$G_PORT/health" 600 || { tail -20 "$LOGDIR/gateway.log" >&2; exit 1; }
-      gcpu=(--cpu gateway="$GW")
-      for c in $(descendants "$GW"); do gcpu+=(--cpu "gateway_$c=$c"); done
-      run_cells tandem "${gcpu[@]}" --cpu w1="$T1" --cpu w2="$T2" -- "http://127.0.0.1:$G_PORT"
-      record_status tandem "$GW"
-      stop_pid "$GW"; stop_pid "$T1"; stop_pid "$T2" ;;
+      a="--cpu gateway=$GW"
+      for c in $(descendants "$GW"); do a="$a --cpu gateway_$c=$c"; done
+      CELL_ARGS[tandem]="$a --cpu w1=$T1 --cpu w2=$T2 --url http://127.0.0.1:$G_PORT" ;;
     sglang)
       if [ ! -x "$VENV_SGLANG/bin/python" ]; then
         echo "skipping sglang: no $VENV_SGLANG (see the peers' run.sh)" >&2; continue
@@ -195,12 +183,28 @@ for t in $TARGETS; do
         sleep 0.1
       done
       [ $ok = 1 ] || { echo "sglang-router did not register 2 healthy workers" >&2; exit 1; }
-      run_cells sglang --cpu gateway="$RT" --cpu w1="$S1" --cpu w2="$S2" -- "http://127.0.0.1:$R_PORT"
-      record_status sglang "$RT"
-      stop_pid "$RT" ;;
-    *) echo "unknown target $t" >&2 ;;
+      CELL_ARGS[sglang]="--cpu gateway=$RT --cpu w1=$S1 --cpu w2=$S2 --url http://127.0.0.1:$R_PORT" ;;
+    *) echo "unknown target $t" >&2; continue ;;
   esac
+  ACTIVE+=("$t")
 done
+
+for rep in $(seq "$REPS"); do
+  for s in $SETTINGS; do
+    for m in $MODES; do
+      echo "== rep $rep $s $m $(date -u +%H:%M:%S)" >&2
+      for t in "${ACTIVE[@]}"; do
+        # shellcheck disable=SC2046,SC2086
+        "$PY" "$PEERS/loadgen.py" ${CELL_ARGS[$t]} $(setting_args "$s") $(mode_args "$m") \
+          --tag target="$t" --tag setting="$s" --tag mode="$m" --tag rep="$rep" \
+          --tag commit="$COMMIT" >> "$RAW" \
+          || echo "loadgen exit $? ($t $s $m $rep)" >&2
+      done
+    done
+  done
+done
+[ -n "${GW:-}" ] && record_status tandem "$GW"
+[ -n "${RT:-}" ] && record_status sglang "$RT"
 
 cat "$LOGDIR/status.txt" >&2
 "$PY" "$HERE/summarize_gateway.py" "$RAW" -o "$OUT/gateway_overhead.md"
