@@ -157,12 +157,14 @@ async def _send_sse(render: Renderer, first: GenChunk, rest: AsyncIterator[GenCh
         try:
             body = render(first)
             if first.finish_reason is None:
-                await send({"type": "http.response.body", "body": body, "more_body": True})
+                if body:
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
                 async for c in rest:
                     body = render(c)
                     if c.finish_reason is not None:
                         break
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                    if body:                  # e.g. a character still held back: nothing to say yet
+                        await send({"type": "http.response.body", "body": body, "more_body": True})
                 else:                         # the stream ended without a last chunk
                     body = _DONE
         except ApiError as e:                 # mid-stream: the status line is out, so a last event says it

@@ -2,6 +2,8 @@
 -> prefill (real processes): greedy text equals the engine's offline output."""
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 
@@ -120,3 +122,25 @@ def test_generate_sglang_shape(disagg, want_completions):
     assert meta["completion_tokens"] == len(want["output_ids"])
     assert "cached_tokens" in meta and meta["e2e_latency"] > 0
     assert meta["finish_reason"]["type"] in ("length", "stop")
+
+
+def test_generate_stream_sglang_shape(disagg, want_completions):
+    """/generate with stream: one event per token with the cumulative text and ids, SGLang's
+    meta_info, the last event's finish_reason, then [DONE] at the very end."""
+    import urllib.request
+    req = urllib.request.Request(disagg["base"] + "/generate", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"text": PROMPTS[0], "stream": True, "sampling_params":
+                                                  {"max_new_tokens": N, "temperature": 0}}).encode())
+    with urllib.request.urlopen(req, timeout=120) as r:
+        raw = r.read().decode()
+    assert raw.endswith("data: [DONE]\n\n") and raw.count("[DONE]") == 1
+    events = [json.loads(e[6:]) for e in raw.split("\n\n") if e.startswith("data: {")]
+    want = want_completions[0]
+    assert len(events) == len(want["output_ids"])
+    for k, ev in enumerate(events, 1):
+        assert ev["output_ids"] == want["output_ids"][:k]
+        assert want["text"].startswith(ev["text"])
+        assert ev["meta_info"]["completion_tokens"] == k
+        assert (ev["meta_info"]["finish_reason"] is None) == (k < len(events))
+    assert events[-1]["text"] == want["text"]
+    assert events[-1]["meta_info"]["finish_reason"]["type"] in ("length", "stop")
