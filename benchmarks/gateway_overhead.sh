@@ -9,6 +9,9 @@
 #   sglang  loadgen -> sglang-router 0.3.2 (round_robin) -> 2 fake SGLang
 #           workers; only if its venv exists ($VENV_SGLANG; the peers' run.sh
 #           makes it: python3 -m venv $V; $V/bin/pip install sglang-router==0.3.2 aiohttp uvloop)
+#   direct-grpc  benchmarks/grpc_loadgen.py (loadgen.py's figures over the Worker
+#           protocol) straight to one fake Tandem worker: the Tandem gateway's
+#           own baseline, its workers' path without it (keep-alive cells only)
 #   direct2 (not in the default TARGETS) loadgen to both fake SGLang workers in turn
 # Cells: -c 1 -r 200 and -c 256 -r 2000, -n 64 tokens, keep-alive and
 # --fresh-conn, REPS times each, interleaved: every target's processes are up
@@ -28,7 +31,7 @@
 #                fake Tandem workers BASE+61/62, fake SGLang workers BASE+71/72,
 #                sglang-router BASE+80 (metrics BASE+90)
 #   REPS         repetitions per cell (default 3)
-#   TARGETS      default "direct tandem sglang"
+#   TARGETS      default "direct direct-grpc tandem sglang"
 #   SETTINGS     default "c1 c256";  MODES: default "keepalive fresh"
 #   POLICY       the gateway's policy (default round_robin)
 #   GATEWAY_ARGS extra arguments for `tandem gateway`
@@ -46,7 +49,7 @@ OUT="${OUT:-$HERE/results}"
 LOGDIR="${LOGDIR:-${TMPDIR:-/tmp}/tandem_gateway_bench_logs}"
 BASE="${BASE:-18400}"
 REPS="${REPS:-3}"
-TARGETS="${TARGETS:-direct tandem sglang}"
+TARGETS="${TARGETS:-direct direct-grpc tandem sglang}"
 SETTINGS="${SETTINGS:-c1 c256}"
 MODES="${MODES:-keepalive fresh}"
 POLICY="${POLICY:-round_robin}"
@@ -138,6 +141,12 @@ need_sglang_workers() {
   start_sglang_worker "$S2_PORT"; S2=$LAST_PID
 }
 
+need_tandem_workers() {
+  [ -n "${T1:-}" ] && return 0
+  start_tandem_worker "$T1_PORT"; T1=$LAST_PID
+  start_tandem_worker "$T2_PORT"; T2=$LAST_PID
+}
+
 ACTIVE=()
 for t in $TARGETS; do
   echo "== start $t $(date -u +%H:%M:%S)" >&2
@@ -148,12 +157,14 @@ for t in $TARGETS; do
     direct2)
       need_sglang_workers
       CELL_ARGS[direct2]="--cpu w1=$S1 --cpu w2=$S2 --url http://127.0.0.1:$S1_PORT --url http://127.0.0.1:$S2_PORT" ;;
+    direct-grpc)
+      need_tandem_workers
+      CELL_ARGS[direct-grpc]="--cpu w1=$T1 --worker 127.0.0.1:$T1_PORT" ;;
     tandem)
       if ! "$VENV/bin/tandem" gateway --help > /dev/null 2>&1; then
         echo "skipping tandem: '$VENV/bin/tandem gateway' is not available" >&2; continue
       fi
-      start_tandem_worker "$T1_PORT"; T1=$LAST_PID
-      start_tandem_worker "$T2_PORT"; T2=$LAST_PID
+      need_tandem_workers
       # shellcheck disable=SC2086
       "$VENV/bin/tandem" gateway --host 127.0.0.1 --port "$G_PORT" --grpc-port "$GG_PORT" \
         --worker "127.0.0.1:$T1_PORT" --worker "127.0.0.1:$T2_PORT" --policy "$POLICY" \
@@ -194,8 +205,15 @@ for rep in $(seq "$REPS"); do
     for m in $MODES; do
       echo "== rep $rep $s $m $(date -u +%H:%M:%S)" >&2
       for t in "${ACTIVE[@]}"; do
+        gen=("$PEERS/loadgen.py")
+        if [ "$t" = direct-grpc ]; then
+          [ "$m" = keepalive ] || continue       # a gRPC channel is never per request
+          gen=("$HERE/grpc_loadgen.py"); m_args=""
+        else
+          m_args="$(mode_args "$m")"
+        fi
         # shellcheck disable=SC2046,SC2086
-        "$PY" "$PEERS/loadgen.py" ${CELL_ARGS[$t]} $(setting_args "$s") $(mode_args "$m") \
+        "$PY" "${gen[@]}" ${CELL_ARGS[$t]} $(setting_args "$s") $m_args \
           --tag target="$t" --tag setting="$s" --tag mode="$m" --tag rep="$rep" \
           --tag commit="$COMMIT" >> "$RAW" \
           || echo "loadgen exit $? ($t $s $m $rep)" >&2

@@ -6,7 +6,10 @@ of the peers' loadgen.py JSON lines (tagged target/setting/mode/rep).
         [-o benchmarks/results/gateway_overhead.md]
 
 "Added" = the target's median p50 minus the direct run's (same setting and
-client connection mode). CPU per token: the CPU time (utime+stime, all
+client connection mode). A second table takes the Tandem gateway against
+direct-grpc (benchmarks/grpc_loadgen.py straight to a fake Tandem worker over
+the Worker protocol, keep-alive only): what the gateway adds to its own
+workers' path. CPU per token: the CPU time (utime+stime, all
 threads) of the processes named gateway* (or w* for the workers) over the
 measured phase, divided by the streamed chunks (one chunk = one token on
 /generate).
@@ -21,10 +24,11 @@ import statistics
 import sys
 from collections import defaultdict
 
-ORDER = ["direct", "direct2", "tandem", "sglang"]
+ORDER = ["direct", "direct2", "direct-grpc", "tandem", "sglang"]
 NAMES = {
     "direct": "direct, 1 fake SGLang worker (HTTP)",
     "direct2": "direct, 2 fake SGLang workers (client RR)",
+    "direct-grpc": "direct, 1 fake Tandem worker (gRPC DecodeStream)",
     "tandem": "tandem gateway round_robin, 2 fake Tandem workers (gRPC)",
     "sglang": "sglang-router 0.3.2 round_robin, 2 fake SGLang workers",
 }
@@ -145,6 +149,21 @@ def render(rows, raw_path):
                     fmt(r["gw_us"], 2), fmt(r["w_us"], 2), fmt(r["lg_us"], 2),
                     fmt(r["busy"], 2)))
     p("")
+    own = [(s, mode, rows[(s, "keepalive", "direct-grpc")], rows[(s, mode, "tandem")])
+           for s in settings for mode in modes
+           if (s, "keepalive", "direct-grpc") in rows and (s, mode, "tandem") in rows]
+    if own:
+        p("## The Tandem gateway against its own workers' path (direct-grpc, keep-alive)")
+        p("")
+        p("| setting | client conn | direct-grpc TTFC / total p50 ms | tandem TTFC / total p50 ms "
+          "| added TTFC p50 ms | added total p50 ms |")
+        p("|---|---|---|---|---|---|")
+        for s, mode, b, r in own:
+            p("| %s | %s | %s / %s | %s / %s | %s | %s |" % (
+                SETTINGS.get(s, s), MODES.get(mode, mode), fmt(b["ttfc50"], 3), fmt(b["tot50"], 3),
+                fmt(r["ttfc50"], 3), fmt(r["tot50"], 3), sfmt(r["ttfc50"] - b["ttfc50"], 3),
+                sfmt(r["tot50"] - b["tot50"], 3)))
+        p("")
     gw = [(mode, t, rows[("c256", mode, t)]) for mode in modes for t in targets
           if ("c256", mode, t) in rows and rows[("c256", mode, t)]["gw_us"] is not None]
     if gw:

@@ -242,3 +242,17 @@ def test_http_client_openai_sse(bs):
     assert body["model"] == "m1" and body["stream"] and body["ignore_eos"]
     assert body["temperature"] == 0 and body["stream_options"] == {"include_usage": True}
     assert len(seen) == 4    # 1 warm-up + 3
+
+
+def test_grpc_loadgen_against_the_fake_worker(fake_worker):
+    """benchmarks/grpc_loadgen.py: loadgen.py's JSON over the Worker protocol, every token counted."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "grpc_loadgen.py"), "--worker", fake_worker,
+                          "-c", "4", "-r", "12", "-n", "5", "--warmup", "2", "--cpu", f"self={os.getpid()}",
+                          "--tag", "target=direct-grpc"],
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    d = json.loads(out.stdout)
+    assert (d["ok"], d["errors"], d["chunks"]) == (12, 0, 60)
+    assert d["tags"] == {"target": "direct-grpc"} and set(d["cpu_s"]) == {"self"}
+    assert 0 < d["ttfc_ms"]["p50"] <= d["total_ms"]["p50"] < 10_000
