@@ -395,6 +395,8 @@ def _report_throughput(r: dict) -> None:
                 f"{r['roofline_tok_s_overlapped']:.0f} (prefill hidden)")
     if "gpu_idle_share" in r:
         msg += f"; GPU idle {100 * r['gpu_idle_share']:.1f}% over {r['profiled_steps']} steps"
+    for k in r.get("top_kernels", [])[:8]:
+        msg += f"\n  {100 * k['share']:5.1f}% {k['ms']:9.1f} ms {k['calls']:6d}x  {k['name']}"
     print(msg, file=sys.stderr)
 
 

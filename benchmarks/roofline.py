@@ -104,13 +104,16 @@ def decode_roofline_tok_s(wbytes: int, kv_per_token: int, batch: int, context: f
 def gpu_idle_share(prof, window_name: str = "engine_step") -> dict:
     """Share of the profiled steps' wall time (from the first step's start to the last one's
     end, CPU clock) in which no GPU kernel or copy runs."""
-    steps, busy = [], []
+    steps, busy, by_name = [], [], {}
     for e in prof.events():
         tr = e.time_range
         if e.name == window_name:
             steps.append((tr.start, tr.end))
         elif getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
             busy.append((tr.start, tr.end))
+            t = by_name.setdefault(e.name[:120], [0.0, 0])
+            t[0] += tr.end - tr.start
+            t[1] += 1
     if not steps:
         return {}
     lo, hi = min(s for s, _ in steps), max(e for _, e in steps)
@@ -123,5 +126,12 @@ def gpu_idle_share(prof, window_name: str = "engine_step") -> dict:
             cur_e = max(cur_e, e)
     covered += 0 if cur_e is None else cur_e - cur_s
     wall = hi - lo
+    kernel_ms = sum(t for t, _ in by_name.values())
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]
     return {"profiled_steps": len(steps), "profiled_wall_ms": wall / 1e3,
-            "gpu_busy_ms": covered / 1e3, "gpu_idle_share": 1 - covered / wall if wall else 0.0}
+            "gpu_busy_ms": covered / 1e3, "gpu_idle_share": 1 - covered / wall if wall else 0.0,
+            "top_kernels": [{"name": n, "ms": round(t / 1e3, 3), "calls": c,
+                             "share": round(t / kernel_ms, 4) if kernel_ms else 0.0} for n, (t, c) in top]}
+
+
+TOP_KERNELS = 15     # kernels (and copies) by GPU time over the profiled steps, in the JSON

@@ -256,3 +256,21 @@ def test_grpc_loadgen_against_the_fake_worker(fake_worker):
     assert (d["ok"], d["errors"], d["chunks"]) == (12, 0, 60)
     assert d["tags"] == {"target": "direct-grpc"} and set(d["cpu_s"]) == {"self"}
     assert 0 < d["ttfc_ms"]["p50"] <= d["total_ms"]["p50"] < 10_000
+
+
+def test_gpu_idle_share_and_top_kernels():
+    """benchmarks/roofline.gpu_idle_share over a profiler's events: the idle share of the steps'
+    window (overlapping kernels counted once) and the kernels by GPU time."""
+    import torch
+    from types import SimpleNamespace as NS
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import roofline
+    cuda = torch.autograd.DeviceType.CUDA
+
+    def ev(name, start, end, device=None):
+        return NS(name=name, time_range=NS(start=start, end=end), device_type=device)
+    events = [ev("engine_step", 0, 50), ev("engine_step", 50, 100),
+              ev("gemm", 10, 30, cuda), ev("gemm", 20, 40, cuda), ev("attn", 60, 70, cuda)]
+    r = roofline.gpu_idle_share(NS(events=lambda: events))
+    assert r["profiled_steps"] == 2 and r["gpu_busy_ms"] == 0.04 and abs(r["gpu_idle_share"] - 0.6) < 1e-9
+    assert [(k["name"], k["calls"], k["share"]) for k in r["top_kernels"]] == [("gemm", 2, 0.8), ("attn", 1, 0.2)]
