@@ -1,8 +1,9 @@
-"""Triton GPU kernels: paged attention (decode, extend), fused add+RMSNorm, rotary, KV store.
+"""Triton GPU kernels: paged attention (decode, extend), fused add+RMSNorm, rotary, KV store,
+silu(gate) * up.
 
 Each public op is a thin wrapper that checks shapes, dtypes, strides and
 devices, naming the argument, then launches the kernel (decode.py, extend.py,
-rmsnorm.py, rope.py, kv_store.py: module names differ from the ops' so that a
+rmsnorm.py, rope.py, kv_store.py, activation.py: module names differ from the ops' so that a
 submodule import never shadows an op); reference.py holds the torch reference
 of each, with the same signature. Everything here is CUDA-graph capturable: no host syncs, and grids
 depend only on shapes and Python ints.
@@ -29,6 +30,7 @@ _MODULE_OF = {
     "rope_cos_sin_cache": "rope",
     "apply_rope_": "rope",
     "store_kv": "kv_store",
+    "silu_mul": "activation",
 }
 
 __all__ = list(_MODULE_OF)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 
 def _slots(page_table: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -65,6 +66,13 @@ def extend_attention(q, k_cache, v_cache, page_table, q_start, prefix_lens, seq_
         s = s.masked_fill(pos[0][None, :] > q_pos[:, None], float("-inf"))
         o[lo:hi] = torch.einsum("htn,nhd->thd", s.softmax(-1), v)
     return _into(o, q.dtype, out)
+
+
+def silu_mul(gate_up):
+    """silu(gate) * up of gate_up [T, 2I], rounded as layers.GatedMLP's torch path: silu in
+    fp32 rounded to the input dtype, then the product in fp32 rounded again."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (F.silu(gate).to(gate_up.dtype).float() * up).to(gate_up.dtype)
 
 
 def fused_add_rmsnorm(x, residual, weight, eps):

@@ -116,6 +116,8 @@ class GatedMLP(nn.Module):
         gate_up = self.gate_up_proj(x)
         if fused_cpu(gate_up):
             return self.down_proj(cpu_kernels.silu_mul(gate_up))
+        if fused_gpu(gate_up) and gate_up.dim() == 2:
+            return self.down_proj(_gpu_ops().silu_mul(gate_up))
         gate, up = gate_up.split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

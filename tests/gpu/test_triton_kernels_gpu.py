@@ -124,6 +124,21 @@ def test_fused_add_rmsnorm(hidden, dtype):
                 assert (y != y_ref).float().mean() < 0.01
 
 
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32], ids=str)
+@pytest.mark.parametrize("inter", [14336, 8192, 4864, 1536])
+def test_silu_mul(inter, dtype):
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    for tokens in (1, 300):
+        gate_up = torch.randn(tokens, 2 * inter, device=DEV, dtype=dtype) * 3
+        out = tk.silu_mul(gate_up)
+        gate, up = gate_up.split(inter, dim=-1)
+        want = F.silu(gate) * up             # what layers.GatedMLP ran before
+        close(out, ref.silu_mul(gate_up), dtype)
+        if dtype != torch.float32:           # same roundings: at most a few elements one ulp apart
+            assert (out != want).float().mean() < 0.01
+
+
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 8192}
 
