@@ -29,7 +29,9 @@ cleanup() {
 trap cleanup EXIT
 
 git -C "$ROOT" worktree add -f --detach "$TREE" "$OLD_REV" -q
-cp -r "$ROOT/tandem/." "$TREE/tandem/"      # the generated stubs (git-ignored)
+# The generated stubs (git-ignored) of the working tree: protos that changed between the
+# two revisions would need the old tree's own (make stubs there) instead.
+cp -r "$ROOT/tandem/." "$TREE/tandem/"
 : > "$OUT"
 
 W1=$((BASE + 61)); W2=$((BASE + 62))
@@ -55,14 +57,15 @@ for cell in $CELLS; do
       if [ $side = old ]; then port=$((BASE + 1)); pid=$OLD_PID; else port=$((BASE + 2)); pid=$NEW_PID; fi
       # shellcheck disable=SC2086
       "$PY" "$PEERS/loadgen.py" --url "http://127.0.0.1:$port" -c "$c" -r "$r" -n "$N" $MODE \
-        --cpu gateway="$pid" --tag side=$side --tag c="$c" --tag rep="$rep" --tag old="$OLD_REV" >> "$OUT"
+        --cpu gateway="$pid" --tag side=$side --tag c="$c" --tag rep="$rep" --tag old="$OLD_REV" >> "$OUT" \
+        || echo "loadgen exit $? ($side C=$c rep $rep)" >&2
     done
   done
 done
 
 "$PY" - "$OUT" <<'EOF'
 import json, statistics as st, sys
-rows = [json.loads(line) for line in open(sys.argv[1])]
+rows = [r for r in map(json.loads, open(sys.argv[1])) if r["ok"] and r["chunks"]]
 for c in dict.fromkeys(r["tags"]["c"] for r in rows):
     cell = {s: [r for r in rows if r["tags"]["c"] == c and r["tags"]["side"] == s] for s in ("old", "new")}
     def fig(r, k):

@@ -151,7 +151,9 @@ def render(rows, raw_path):
     p("")
     own = [(s, mode, rows[(s, "keepalive", "direct-grpc")], rows[(s, mode, "tandem")])
            for s in settings for mode in modes
-           if (s, "keepalive", "direct-grpc") in rows and (s, mode, "tandem") in rows]
+           if (s, "keepalive", "direct-grpc") in rows and (s, mode, "tandem") in rows
+           and None not in (rows[(s, "keepalive", "direct-grpc")]["ttfc50"], rows[(s, mode, "tandem")]["ttfc50"],
+                            rows[(s, "keepalive", "direct-grpc")]["tot50"], rows[(s, mode, "tandem")]["tot50"])]
     if own:
         p("## The Tandem gateway against its own workers' path (direct-grpc, keep-alive)")
         p("")

@@ -178,12 +178,20 @@ def _gpt2_byte_table() -> dict[int, str]:
 
 
 def _byte_pieces(tok: Tokenizer, skip_special_tokens: bool) -> list[bytes] | None:
+    try:
+        return _build_byte_pieces(tok, skip_special_tokens)
+    except Exception:                              # an odd vocabulary: the window path, never a failed load
+        return None
+
+
+def _build_byte_pieces(tok: Tokenizer, skip_special_tokens: bool) -> list[bytes] | None:
     backend = tok.backend
     if type(backend.decoder).__name__ != "ByteLevel":
         return None
     table = _gpt2_byte_table()
-    pieces = [b""] * backend.get_vocab_size(with_added_tokens=True)
-    for t, i in backend.get_vocab(with_added_tokens=True).items():
+    vocab = backend.get_vocab(with_added_tokens=True)
+    pieces = [b""] * (max(vocab.values(), default=-1) + 1)     # ids may have gaps
+    for t, i in vocab.items():
         try:                                       # as the ByteLevel decoder maps a token ...
             pieces[i] = t.translate(table).encode("latin-1")
         except UnicodeEncodeError:                 # ... or, with a character outside it, keeps it
@@ -292,7 +300,10 @@ def _compile(template: str):
 class IncrementalDetokenizer:
     """Text of a growing token sequence, piece by piece.
 
-    Invariant: emitted text == decode(ids[:read_offset]), and ids[:prefix_offset]
+    Byte-level tokenizers (Tokenizer.byte_pieces): each id's bytes go through an
+    incremental UTF-8 decoder, which holds back a character's first bytes.
+    Others, the window below. Invariant of the window: emitted text ==
+    decode(ids[:read_offset]), and ids[:prefix_offset]
     ends on a character boundary. Each add() decodes ids[prefix_offset:] twice (with
     and without the new ids) and emits the difference; the tokens before
     prefix_offset are never decoded again, so a step costs O(window), not O(n).
@@ -319,11 +330,11 @@ class IncrementalDetokenizer:
 
     def add(self, token_ids: Sequence[int]) -> str:
         """The new text; '' while the newest bytes are an incomplete character."""
-        self.ids.extend(token_ids)
         pieces = self._pieces
         if pieces is not None:
             n = len(pieces)
             return self._utf8.decode(b"".join([pieces[i] if 0 <= i < n else b"" for i in token_ids]))
+        self.ids.extend(token_ids)
         prefix_text = self._decode(self.prefix_offset, self.read_offset)
         new_text = self._decode(self.prefix_offset)
         # Held back: a character split across tokens decodes to U+FFFD until its

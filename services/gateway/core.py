@@ -186,8 +186,8 @@ class Gateway:
                     self._failed(e, rid, route, failures, tried)
                 finally:
                     route.finish()
-                    if not done:
-                        mux.cancel(wire_rid)
+                    mux.cancel(wire_rid)     # a no-op once the worker finished it; else (a stop string,
+                                             # the caller gone) it frees the request's pages there
         finally:
             self.inflight -= 1
             metrics.INFLIGHT.dec()

@@ -6,8 +6,9 @@ loop. Between two steps the engine thread runs the commands the handlers sent
 output to its request's sink and every KV event to the subscribers, in one
 call_soon_threadsafe per step.
 
-The engine thread also builds the engine: every torch op of the process runs
-on it. OpenMP keeps a thread team per calling thread, and libgomp stops
+The engine thread also builds the engine and runs every step: every torch op
+that uses OpenMP threads runs on it (the event loop only reshapes and copies
+transferred KV bytes). OpenMP keeps a thread team per calling thread, and libgomp stops
 spinning (sleeps on a futex at every barrier) once its teams hold more
 threads than there are cores; a model loaded on another thread that stays
 alive left a second team and made every CPU step ~1.6x slower (workload A of
@@ -61,6 +62,8 @@ class EngineLoop:
         self._cmds.put(None)
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self._trace is not None:
+            self._trace.close()
 
     async def call(self, fn: Callable, *args, **kwargs) -> Any:
         """Run fn on the engine thread between steps; its result or exception."""
@@ -126,11 +129,12 @@ class EngineLoop:
                     dt = time.perf_counter() - t0
                     self.step_seconds.observe(dt)
                     self.num_steps += 1
-                    if self._trace is not None:
-                        self._trace_step(t0, dt)
                 except Exception:                      # a bug: fail what runs, keep serving
                     log.error("engine step failed:\n%s", traceback.format_exc())
                     outputs = self._fail_all()
+                else:
+                    if self._trace is not None:
+                        self._trace_step(t0, dt)
             events = cache.drain_events() if cache is not None and cache.enable_events else []
             if outputs or events:
                 self.aio.call_soon_threadsafe(self._deliver, outputs, events)
@@ -138,11 +142,15 @@ class EngineLoop:
     def _trace_step(self, t0: float, dt: float) -> None:
         batch, sched = self.engine.last_batch, self.engine.scheduler
         chunks = batch.chunks if batch is not None else ()
-        self._trace.write(json.dumps({
-            "t": round(t0, 4), "dt": round(dt, 4),
-            "decode": sum(1 for c in chunks if c.n == 1),
-            "prefill_tokens": sum(c.n for c in chunks if c.n > 1),
-            "running": len(sched.running), "waiting": len(sched.waiting)}) + "\n")
+        try:
+            self._trace.write(json.dumps({
+                "t": round(t0, 4), "dt": round(dt, 4),
+                "decode": sum(1 for c in chunks if c.n == 1),
+                "prefill_tokens": sum(c.n for c in chunks if c.n > 1),
+                "running": len(sched.running), "waiting": len(sched.waiting)}) + "\n")
+        except OSError as e:                           # tracing is a diagnostic: never fail a step for it
+            log.warning("step trace off: %s", e)
+            self._trace = None
 
     def _run_commands(self, block: bool) -> None:
         try:

@@ -109,6 +109,25 @@ def test_stop_strings(client, model, want_completions):
     assert r.choices[0].text == want[:want.index(stop)]
 
 
+def test_a_stop_string_frees_the_worker(client, model, disagg, want_completions):
+    """The gateway applies stop strings; when one ends a request, the decode worker is told to
+    stop too, instead of generating on to max_tokens for nobody."""
+    import time
+    from tests.integration import cluster
+    want = want_completions[0]["text"]
+    stop = want.strip().split()[1] if len(want.split()) > 1 else want[-3:]
+    before = cluster.scrape(disagg["decode_metrics"]).get("tandem_generated_tokens_total", 0.0)
+    r = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=400, temperature=0, stop=[stop],
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "stop"
+    deadline = time.monotonic() + 60
+    while cluster.scrape(disagg["decode_metrics"]).get("tandem_worker_running_requests", 0.0) > 0:
+        assert time.monotonic() < deadline, "the decode worker still runs the stopped request"
+        time.sleep(0.05)
+    made = cluster.scrape(disagg["decode_metrics"]).get("tandem_generated_tokens_total", 0.0) - before
+    assert made < 100, f"the decode worker made {made:.0f} tokens for a request that stopped within {N}"
+
+
 def test_generate_sglang_shape(disagg, want_completions):
     from tests.integration.cluster import http
     status, body = http("POST", disagg["base"] + "/generate",

@@ -430,3 +430,25 @@ def test_import_and_load_leave_out_torch_and_transformers(folder):
     print(f"import + from_folder + one chat template: {seconds} s")
     assert loaded.strip() == "[]"
     assert float(seconds) < 5
+
+
+def test_byte_pieces_with_gaps_in_the_ids():
+    """A byte-level vocabulary whose ids skip some numbers (257 tokens, ids up to 260) still
+    gets its table, sized by the largest id, and streams as decode() does."""
+    from services.common.tokenizer import _gpt2_byte_table
+    table = _gpt2_byte_table()
+    chars = [c for c in range(256 + 68) if table[c] != "\uffff"]
+    vocab = {chr(c): ord(table[c]) for c in chars}          # each byte's character at the byte's id
+    vocab["ab"] = 260
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    tok_json = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+                "pre_tokenizer": byte_level, "post_processor": None, "decoder": byte_level,
+                "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                          "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                          "ignore_merges": False, "vocab": vocab, "merges": [["a", "b"]]}}
+    tok = Tokenizer(json.dumps(tok_json))
+    assert tok.backend.get_vocab_size(with_added_tokens=True) == 257
+    pieces = tok.byte_pieces()
+    assert pieces is not None and len(pieces) == 261 and pieces[260] == b"ab"
+    ids = tok.encode("abc ab é 😀")
+    assert 260 in ids and "".join(_stream(tok, ids)) == tok.decode(ids) == "abc ab é 😀"
