@@ -188,18 +188,23 @@ def _build_byte_pieces(tok: Tokenizer, skip_special_tokens: bool) -> list[bytes]
     backend = tok.backend
     if type(backend.decoder).__name__ != "ByteLevel":
         return None
-    table = _gpt2_byte_table()
-    vocab = backend.get_vocab(with_added_tokens=True)
-    pieces = [b""] * (max(vocab.values(), default=-1) + 1)     # ids may have gaps
-    for t, i in vocab.items():
-        try:                                       # as the ByteLevel decoder maps a token ...
-            pieces[i] = t.translate(table).encode("latin-1")
-        except UnicodeEncodeError:                 # ... or, with a character outside it, keeps it
-            pieces[i] = t.encode()
-    if skip_special_tokens:
+    if skip_special_tokens:                        # the full table, special tokens emptied
+        full = tok.byte_pieces(False)
+        if full is None:
+            return None
+        pieces = list(full)
         for i, added in backend.get_added_tokens_decoder().items():
             if added.special:
                 pieces[i] = b""
+    else:
+        table = _gpt2_byte_table()
+        vocab = backend.get_vocab(with_added_tokens=True)
+        pieces = [b""] * (max(vocab.values(), default=-1) + 1)     # ids may have gaps
+        for t, i in vocab.items():
+            try:                                   # as the ByteLevel decoder maps a token ...
+                pieces[i] = t.translate(table).encode("latin-1")
+            except UnicodeEncodeError:             # ... or, with a character outside it, keeps it
+                pieces[i] = t.encode()
     step = 512                                     # the proof: the whole vocabulary decodes alike
     for start in range(0, len(pieces), step):
         ids = list(range(start, min(start + step, len(pieces))))
@@ -318,9 +323,7 @@ class IncrementalDetokenizer:
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
-        # Byte-level tokenizers: each id's bytes through an incremental UTF-8 decoder, which
-        # holds back a character's first bytes as the window does, at a fraction of its cost.
-        byte_pieces = getattr(tokenizer, "byte_pieces", None)
+        byte_pieces = getattr(tokenizer, "byte_pieces", None)     # None: a stand-in with decode() only
         self._pieces = byte_pieces(skip_special_tokens) if byte_pieces is not None else None
         if self._pieces is not None:
             self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
