@@ -11,7 +11,8 @@ costs (latency, CPU per token) can be measured on its own:
   Decode    sampling.max_new_tokens (default 16) canned token ids, one per
             DecodeResponse, no sleeps; the last message carries finish_reason
             "length" and the usage. prefill_address is ignored.
-  DecodeStream  (what the gateway uses) a fake engine loop per stream: each
+  DecodeStream  (what the gateway uses; also over framed TCP on a free port
+            named in Info.decode_stream_port, unless --no-framed) a fake engine loop per stream: each
             "step" gives every running request its next canned id, then
             yields to the event loop (--step-ms 0, the default: no sleeps) or
             sleeps --step-ms; one writer sends all that is pending as one
@@ -45,7 +46,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tokenizers import Tokenizer
 
-from tandem.v1 import common_pb2, worker_pb2
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from services.common.framed import FramedProtocol  # noqa: E402
+from tandem.v1 import common_pb2, worker_pb2  # noqa: E402
 
 DEFAULT_TOKENIZER = os.path.expanduser("~/.cache/tandem/models/smollm2-135m-instruct")
 # Short common words; each that the tokenizer keeps as one token is used.
@@ -136,55 +139,17 @@ class FakeWorker:
             self.running -= 1
 
     async def DecodeStream(self, request_iterator, context):
-        running: dict[str, list[int]] = {}           # rid -> [tokens left, tokens made, prompt length]
-        pending: dict[str, worker_pb2.DecodeUpdate] = {}
-        work, flush = asyncio.Event(), asyncio.Event()
-        ids, k = self.ids, len(self.ids)
+        s = _FakeStream(self, context.write)
 
         async def read():
             async for msg in request_iterator:
-                for r in msg.start:
-                    sp = r.sampling
-                    n = sp.max_new_tokens if sp.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS
-                    running[r.request_id] = [n, 0, len(r.prompt_ids)]
-                for rid in msg.cancel:
-                    running.pop(rid, None)
-                    pending.pop(rid, None)
-                work.set()
+                s.on_message(msg)
 
-        async def engine():
-            while True:
-                if not running:
-                    work.clear()
-                    await work.wait()
-                for rid, st in list(running.items()):
-                    u = pending.get(rid)
-                    if u is None:
-                        u = pending[rid] = worker_pb2.DecodeUpdate(request_id=rid)
-                    u.token_ids.append(ids[st[1] % k])
-                    st[0] -= 1
-                    st[1] += 1
-                    if st[0] <= 0:
-                        u.finish_reason = "length"
-                        u.usage.prompt_tokens, u.usage.completion_tokens = st[2], st[1]
-                        del running[rid]
-                flush.set()
-                await asyncio.sleep(self.step_s)
-
-        tasks = [asyncio.create_task(read()), asyncio.create_task(engine())]
-        self.running += 1
+        reader = asyncio.create_task(read())
         try:
-            while True:
-                await flush.wait()
-                flush.clear()
-                if pending:
-                    batch = worker_pb2.DecodeStreamBatch(updates=pending.values())
-                    pending.clear()
-                    await context.write(batch)
+            await s.run()
         finally:
-            self.running -= 1
-            for t in tasks:
-                t.cancel()
+            reader.cancel()
 
     async def Prefill(self, request, context):
         yield self.prefill_msg
@@ -201,6 +166,80 @@ class FakeWorker:
 
     async def Load(self, request, context):
         return worker_pb2.LoadResponse(load=worker_pb2.WorkerLoad())
+
+
+class _FakeStream:
+    """One DecodeStream, whatever carries it: a fake engine loop (each "step" gives
+    every running request its next canned id, then yields or sleeps --step-ms) and
+    one writer that sends all that is pending as one DecodeStreamBatch."""
+
+    def __init__(self, w: FakeWorker, send):
+        self.w, self.send = w, send
+        self.running: dict[str, list[int]] = {}     # rid -> [tokens left, tokens made, prompt length]
+        self.pending: dict[str, worker_pb2.DecodeUpdate] = {}
+        self.work, self.flush = asyncio.Event(), asyncio.Event()
+
+    def on_message(self, msg) -> None:
+        for r in msg.start:
+            sp = r.sampling
+            n = sp.max_new_tokens if sp.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS
+            self.running[r.request_id] = [n, 0, len(r.prompt_ids)]
+        for rid in msg.cancel:
+            self.running.pop(rid, None)
+            self.pending.pop(rid, None)
+        self.work.set()
+
+    async def _engine(self) -> None:
+        ids, k, running, pending = self.w.ids, len(self.w.ids), self.running, self.pending
+        while True:
+            if not running:
+                self.work.clear()
+                await self.work.wait()
+            for rid, st in list(running.items()):
+                u = pending.get(rid)
+                if u is None:
+                    u = pending[rid] = worker_pb2.DecodeUpdate(request_id=rid)
+                u.token_ids.append(ids[st[1] % k])
+                st[0] -= 1
+                st[1] += 1
+                if st[0] <= 0:
+                    u.finish_reason = "length"
+                    u.usage.prompt_tokens, u.usage.completion_tokens = st[2], st[1]
+                    del running[rid]
+            self.flush.set()
+            await asyncio.sleep(self.w.step_s)
+
+    async def run(self) -> None:
+        engine = asyncio.create_task(self._engine())
+        self.w.running += 1
+        try:
+            while True:
+                await self.flush.wait()
+                self.flush.clear()
+                if self.pending:
+                    batch = worker_pb2.DecodeStreamBatch(updates=self.pending.values())
+                    self.pending.clear()
+                    await self.send(batch)
+        finally:
+            self.w.running -= 1
+            engine.cancel()
+
+
+def framed_connection(w: FakeWorker) -> FramedProtocol:
+    """DecodeStream over framed TCP (services/common/framed.py), as a real worker serves it."""
+    holder = {}
+
+    async def send(batch):
+        proto.send(batch)
+        await proto.drain()
+
+    def lost(why):
+        holder["task"].cancel()
+
+    s = _FakeStream(w, send)
+    proto = FramedProtocol(worker_pb2.DecodeStreamRequest.FromString, s.on_message, lost, server=True)
+    holder["task"] = asyncio.get_running_loop().create_task(s.run())
+    return proto
 
 
 def add_worker(server, w: FakeWorker) -> None:
@@ -249,11 +288,14 @@ async def serve(a) -> None:
     port = server.add_insecure_port("%s:%d" % (a.host, a.port))
     if not port:
         sys.exit("fake_worker: cannot listen on %s:%d" % (a.host, a.port))
+    if not a.no_framed:
+        framed = await asyncio.get_running_loop().create_server(lambda: framed_connection(w), a.host, 0)
+        w.info.decode_stream_port = framed.sockets[0].getsockname()[1]
     await server.start()
     for name in ("", SERVICE):
         await hs.set(name, health_pb2.HealthCheckResponse.SERVING)
-    print("fake_worker listening on %s:%d role=%s model=%s worker_id=%s ids=%s"
-          % (a.host, port, a.role, a.model_name, w.worker_id, w.ids), flush=True)
+    print("fake_worker listening on %s:%d role=%s model=%s worker_id=%s decode_stream_port=%d ids=%s"
+          % (a.host, port, a.role, a.model_name, w.worker_id, w.info.decode_stream_port, w.ids), flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -274,6 +316,8 @@ def main() -> None:
     ap.add_argument("--model-name", default="fake-model")
     ap.add_argument("--step-ms", type=float, default=0.0,
                     help="DecodeStream: time per fake engine step (0: none, yield only)")
+    ap.add_argument("--no-framed", action="store_true",
+                    help="do not serve DecodeStream over framed TCP (gateways then use gRPC)")
     a = ap.parse_args()
     try:
         import uvloop

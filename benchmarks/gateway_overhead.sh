@@ -5,13 +5,18 @@
 #   direct  loadgen straight to one fake SGLang worker (HTTP, the peers'
 #           fake_worker.py): the baseline the "added" latency is taken against
 #   tandem  loadgen -> tandem gateway (REST /generate, round_robin) -> 2 fake
-#           Tandem workers (gRPC, benchmarks/fake_worker.py)
+#           Tandem workers (benchmarks/fake_worker.py; their framed TCP decode
+#           stream, or gRPC with GATEWAY_ARGS="--decode-transport grpc")
 #   sglang  loadgen -> sglang-router 0.3.2 (round_robin) -> 2 fake SGLang
 #           workers; only if its venv exists ($VENV_SGLANG; the peers' run.sh
 #           makes it: python3 -m venv $V; $V/bin/pip install sglang-router==0.3.2 aiohttp uvloop)
 #   direct-grpc  benchmarks/grpc_loadgen.py (loadgen.py's figures over the Worker
-#           protocol) straight to one fake Tandem worker: the Tandem gateway's
-#           own baseline, its workers' path without it (keep-alive cells only)
+#           protocol, on the transport the gateway would pick; GRPC_LOADGEN_ARGS
+#           "--transport grpc" forces gRPC) straight to one fake Tandem worker:
+#           the Tandem gateway's own baseline, its workers' path without it
+#           (keep-alive cells only)
+#   relay   (not in the default TARGETS) loadgen -> benchmarks/relay_floor.py -> 1
+#           fake Tandem worker: the least a Python gateway on uvicorn adds here
 #   direct2 (not in the default TARGETS) loadgen to both fake SGLang workers in turn
 # Cells: -c 1 -r 200 and -c 256 -r 2000, -n 64 tokens, keep-alive and
 # --fresh-conn, REPS times each, interleaved: every target's processes are up
@@ -27,7 +32,7 @@
 #   PEERS        the sglang-router peer folder       (default: /work/shared/peers/sglang-router)
 #   OUT          results folder                      (default: benchmarks/results)
 #   LOGDIR       process logs                        (default: ${TMPDIR:-/tmp}/tandem_gateway_bench_logs)
-#   BASE         first port (default 18400): gateway HTTP BASE, gateway gRPC BASE+51,
+#   BASE         first port (default 18400): gateway HTTP BASE, gateway gRPC BASE+51, relay BASE+52,
 #                fake Tandem workers BASE+61/62, fake SGLang workers BASE+71/72,
 #                sglang-router BASE+80 (metrics BASE+90)
 #   REPS         repetitions per cell (default 3)
@@ -54,7 +59,7 @@ SETTINGS="${SETTINGS:-c1 c256}"
 MODES="${MODES:-keepalive fresh}"
 POLICY="${POLICY:-round_robin}"
 GATEWAY_ARGS="${GATEWAY_ARGS:-}"
-G_PORT=$BASE; GG_PORT=$((BASE + 51))
+G_PORT=$BASE; GG_PORT=$((BASE + 51)); RL_PORT=$((BASE + 52))
 T1_PORT=$((BASE + 61)); T2_PORT=$((BASE + 62))
 S1_PORT=$((BASE + 71)); S2_PORT=$((BASE + 72))
 R_PORT=$((BASE + 80)); M_PORT=$((BASE + 90))
@@ -160,6 +165,12 @@ for t in $TARGETS; do
     direct-grpc)
       need_tandem_workers
       CELL_ARGS[direct-grpc]="--cpu w1=$T1 --worker 127.0.0.1:$T1_PORT" ;;
+    relay)
+      need_tandem_workers
+      "$PY" "$HERE/relay_floor.py" --worker "127.0.0.1:$T1_PORT" --port "$RL_PORT" > "$LOGDIR/relay.log" 2>&1 &
+      RL=$!; PIDS+=("$RL")
+      wait_http "http://127.0.0.1:$RL_PORT/health" 200 || { tail -20 "$LOGDIR/relay.log" >&2; exit 1; }
+      CELL_ARGS[relay]="--cpu gateway=$RL --cpu w1=$T1 --url http://127.0.0.1:$RL_PORT" ;;
     tandem)
       if ! "$VENV/bin/tandem" gateway --help > /dev/null 2>&1; then
         echo "skipping tandem: '$VENV/bin/tandem gateway' is not available" >&2; continue
@@ -208,7 +219,7 @@ for rep in $(seq "$REPS"); do
         gen=("$PEERS/loadgen.py")
         if [ "$t" = direct-grpc ]; then
           [ "$m" = keepalive ] || continue       # a gRPC channel is never per request
-          gen=("$HERE/grpc_loadgen.py"); m_args=""
+          gen=("$HERE/grpc_loadgen.py"); m_args="${GRPC_LOADGEN_ARGS:-}"
         else
           m_args="$(mode_args "$m")"
         fi

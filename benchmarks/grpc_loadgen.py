@@ -2,7 +2,8 @@
 """The peers' loadgen.py, over the Worker gRPC service instead of HTTP.
 
 A client straight to (fake) Tandem workers, speaking to them as a gateway does:
-one Worker.DecodeStream per worker (services/gateway/decode_mux.py), C
+one decode stream per worker (services/gateway/decode_mux.py: framed TCP where
+the worker offers it, else Worker.DecodeStream; --transport grpc forces gRPC), C
 requests in flight until R are done, after a warm-up that is not counted.
 Per request: TTFC (its first DecodeUpdate) and total time. It prints one
 JSON line of the same shape as loadgen.py's, so summarize_gateway.py reads
@@ -67,16 +68,16 @@ async def one_request(mux: DecodeMux, i: int, n: int, prompt_len: int):
     ttfc, tokens = None, 0
     try:
         while True:
-            u = await q.get()
-            if isinstance(u, Exception):
-                return ttfc, time.perf_counter() - t0, tokens, str(u)
-            if ttfc is None:
-                ttfc = time.perf_counter() - t0
-            tokens += len(u.token_ids)
-            if u.error_code:
-                return ttfc, time.perf_counter() - t0, tokens, u.error_message
-            if u.finish_reason:
-                return ttfc, time.perf_counter() - t0, tokens, None
+            for u in await q.take():
+                if isinstance(u, Exception):
+                    return ttfc, time.perf_counter() - t0, tokens, str(u)
+                if ttfc is None:
+                    ttfc = time.perf_counter() - t0
+                tokens += len(u.token_ids)
+                if u.error_code:
+                    return ttfc, time.perf_counter() - t0, tokens, u.error_message
+                if u.finish_reason:
+                    return ttfc, time.perf_counter() - t0, tokens, None
     finally:
         mux.cancel(rid)
 
@@ -95,6 +96,10 @@ async def main_async(a) -> dict:
     pids = {name: int(pid) for name, pid in (s.split("=", 1) for s in a.cpu)}
     channels = [grpc.aio.insecure_channel(w, options=CHANNEL_OPTIONS) for w in a.worker]
     muxes = [DecodeMux(worker_pb2_grpc.WorkerStub(ch), w) for ch, w in zip(channels, a.worker)]
+    if a.transport == "auto":                 # as the gateway does: the framed stream when offered
+        for m in muxes:
+            port = (await m.stub.Info(worker_pb2.InfoRequest(), timeout=5)).decode_stream_port
+            m.tcp = (m.address.rsplit(":", 1)[0], port) if port else None
     warmup = a.warmup if a.warmup is not None else max(a.concurrency, 8)
     try:
         if warmup:
@@ -117,7 +122,8 @@ async def main_async(a) -> dict:
     chunks = sum(x[2] for x in res)
     ticks = m1[0] - m0[0]
     return {
-        "label": a.label, "tags": dict(t.split("=", 1) for t in a.tag), "url": a.worker, "api": "grpc-decode-stream",
+        "label": a.label, "tags": dict(t.split("=", 1) for t in a.tag), "url": a.worker,
+        "api": "tcp-decode-stream" if all(m.tcp for m in muxes) else "grpc-decode-stream",
         "keepalive": True, "concurrency": a.concurrency, "requests": a.requests,
         "max_new_tokens": a.max_new_tokens, "prompt_tokens": a.prompt_tokens, "warmup": warmup,
         "ok": len(ok), "errors": len(errs), "error_samples": errs[:3], "duration_s": round(dur, 4),
@@ -142,6 +148,8 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=36, help="loadgen.py's 32-word prompt is ~36 tokens")
     ap.add_argument("--warmup", type=int, default=None, help="default: max(C, 8)")
     ap.add_argument("--cpu", action="append", default=[], metavar="NAME=PID")
+    ap.add_argument("--transport", choices=["auto", "grpc"], default="auto",
+                    help="auto: the worker's framed TCP stream when it offers one (as the gateway)")
     ap.add_argument("--label", default="")
     ap.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
     a = ap.parse_args()

@@ -58,10 +58,22 @@ def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(n)]
 
 
+def host_profile(prof, top: int = 25) -> list[dict]:
+    """The functions by own (host) time of a cProfile.Profile, the heaviest first."""
+    import pstats
+    st = pstats.Stats(prof)
+    rows = []
+    for (file, line, fn), (cc, nc, tt, ct, _) in st.stats.items():
+        rows.append({"function": f"{Path(file).name}:{line}({fn})" if line else fn, "calls": nc,
+                     "own_ms": round(tt * 1e3, 3), "cum_ms": round(ct * 1e3, 3)})
+    return sorted(rows, key=lambda r: -r["own_ms"])[:top]
+
+
 def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress: bool,
-               profile_steps: int = 0) -> dict:
+               profile_steps: int = 0, profile_host: bool = False) -> dict:
     """Every prompt at once, to the end. With profile_steps, a torch profiler records that
-    many steps from the moment half the output tokens are out (steady state)."""
+    many steps from the moment half the output tokens are out (steady state); with
+    profile_host, cProfile then records as many more (the host's own time by function)."""
     params = SamplingParams(temperature=0.0, max_new_tokens=out_len, ignore_eos=True)
     t0 = time.perf_counter()
     rids = [engine.add_request(p, params) for p in prompts]
@@ -69,7 +81,20 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress:
     total = len(prompts) * out_len
     bar = _bar(total, "engine", progress)
     prof, profiled, idle = None, 0, {}
+    cprof, host_steps, host = None, 0, {}
     while engine.has_unfinished():
+        if profile_host and idle and cprof is None and not host:
+            import cProfile
+            cprof, t_host = cProfile.Profile(), time.perf_counter()
+            cprof.enable()
+        if cprof is not None:
+            host_steps += 1
+            if host_steps > profile_steps or not engine.has_unfinished():
+                cprof.disable()
+                host = {"host_profile_steps": host_steps - 1,
+                        "host_profile_wall_ms": round(1e3 * (time.perf_counter() - t_host), 1),
+                        "host_profile": host_profile(cprof)}
+                cprof = None
         if profile_steps and prof is None and not idle and count >= total // 2:
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                       torch.profiler.ProfilerActivity.CUDA])
@@ -96,7 +121,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress:
     return {"wall_s": wall, "output_tokens": count, "output_tok_s": count / wall,
             "total_tok_s": (count + sum(map(len, prompts))) / wall,
             "ttft_ms_median": 1e3 * statistics.median(ttft), "tpot_ms_median": 1e3 * statistics.median(tpot),
-            **idle}
+            **idle, **host}
 
 
 def run_transformers(engine: Engine, source_path, hf_config: dict, prompts, out_len: int, batch: int,
@@ -272,6 +297,9 @@ def main() -> None:
     ap.add_argument("--profile-idle", action="store_true",
                     help="torch profiler over --profile-steps steps of the throughput run: GPU idle share")
     ap.add_argument("--profile-steps", type=int, default=50)
+    ap.add_argument("--profile-host", action="store_true",
+                    help="with --profile-idle: cProfile over as many steps after the profiler's, "
+                         "host functions by own time in the JSON")
     ap.add_argument("--batch-sweep", default="", help="comma-separated batch sizes (JSON + plot)")
     ap.add_argument("--sweep-input-len", type=int, default=1024)
     ap.add_argument("--sweep-output-len", type=int, default=128)
@@ -333,7 +361,8 @@ def main() -> None:
         prompts = make_prompts(args.num_prompts, args.input_len, vocab, args.seed)
         result.update({"num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len})
         result.update(run_engine(engine, prompts, args.output_len, progress,
-                                 args.profile_steps if args.profile_idle and cuda else 0))
+                                 args.profile_steps if args.profile_idle and cuda else 0,
+                                 args.profile_host))
         if hw:
             mc = engine.model_config
             batch = min(args.max_running_requests,
@@ -397,6 +426,11 @@ def _report_throughput(r: dict) -> None:
         msg += f"; GPU idle {100 * r['gpu_idle_share']:.1f}% over {r['profiled_steps']} steps"
     for k in r.get("top_kernels", [])[:8]:
         msg += f"\n  {100 * k['share']:5.1f}% {k['ms']:9.1f} ms {k['calls']:6d}x  {k['name']}"
+    if "host_profile" in r:
+        msg += (f"\nhost (cProfile, {r['host_profile_steps']} steps, {r['host_profile_wall_ms']:.0f} ms), "
+                f"own time:")
+        for f in r["host_profile"][:12]:
+            msg += f"\n  {f['own_ms']:9.1f} ms {f['calls']:7d}x  {f['function']}"
     print(msg, file=sys.stderr)
 
 

@@ -24,12 +24,13 @@ import statistics
 import sys
 from collections import defaultdict
 
-ORDER = ["direct", "direct2", "direct-grpc", "tandem", "sglang"]
+ORDER = ["direct", "direct2", "direct-grpc", "relay", "tandem", "sglang"]
 NAMES = {
     "direct": "direct, 1 fake SGLang worker (HTTP)",
     "direct2": "direct, 2 fake SGLang workers (client RR)",
-    "direct-grpc": "direct, 1 fake Tandem worker (gRPC DecodeStream)",
-    "tandem": "tandem gateway round_robin, 2 fake Tandem workers (gRPC)",
+    "direct-grpc": "direct, 1 fake Tandem worker (its decode stream, as the gateway uses it)",
+    "relay": "relay_floor.py (uvicorn + framed TCP, no gateway work), 1 fake Tandem worker",
+    "tandem": "tandem gateway round_robin, 2 fake Tandem workers",
     "sglang": "sglang-router 0.3.2 round_robin, 2 fake SGLang workers",
 }
 SETTINGS = {"c1": "C=1, R=200", "c256": "C=256, R=2000"}

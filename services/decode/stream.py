@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Awaitable, Callable
 
 import grpc
 
@@ -37,10 +38,15 @@ class _Request:
 
 
 class DecodeStream:
-    def __init__(self, w: WorkerState, context: grpc.aio.ServicerContext):
+    """One stream's requests, whatever carries it: `send(batch)` is awaited for each
+    batch out (gRPC's context.write, or a framed connection's send + drain), and
+    the caller's messages come in through on_message() and end with end_input()."""
+
+    def __init__(self, w: WorkerState, send: Callable[[worker_pb2.DecodeStreamBatch], Awaitable[None]],
+                 trace: tuple = ()):
         self.w = w
-        self.context = context
-        self.trace = trace_metadata(context)
+        self.send = send
+        self.trace = trace
         self.live: dict[str, _Request] = {}
         self.pending: dict[str, worker_pb2.DecodeUpdate] = {}
         self.wake = asyncio.Event()
@@ -74,16 +80,23 @@ class DecodeStream:
         self.w.loop.close_sink(rid)
 
     # -- requests in -----------------------------------------------------------------------------
+    def on_message(self, msg: worker_pb2.DecodeStreamRequest) -> None:
+        for r in msg.start:
+            self._start(r)
+        for rid in msg.cancel:
+            self._cancel(rid)
+
+    def end_input(self) -> None:
+        """The caller sends no more: the stream ends once its requests are done."""
+        self.eof = True
+        self.wake.set()
+
     async def read(self, requests) -> None:
         try:
             async for msg in requests:
-                for r in msg.start:
-                    self._start(r)
-                for rid in msg.cancel:
-                    self._cancel(rid)
+                self.on_message(msg)
         finally:
-            self.eof = True
-            self.wake.set()
+            self.end_input()
 
     def _fail(self, rid: str, code: grpc.StatusCode, message: str) -> None:
         self.live.pop(rid, None)
@@ -138,7 +151,7 @@ class DecodeStream:
                 batch = worker_pb2.DecodeStreamBatch(updates=self.pending.values())
                 self.pending = {}
                 metrics.GENERATED_TOKENS.inc(sum(len(u.token_ids) for u in batch.updates))
-                await self.context.write(batch)
+                await self.send(batch)
             if (self.eof or self.w.draining) and not self.live and not self.pending:
                 return          # the caller hung up, or a drain: end once every request is done
 
@@ -147,15 +160,23 @@ class DecodeStream:
             self._cancel(rid)
 
 
-async def decode_stream(w: WorkerState, requests, context: grpc.aio.ServicerContext) -> None:
-    if w.role == "prefill":
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker has role prefill: it does not decode")
-    s = DecodeStream(w, context)
-    reader = asyncio.create_task(s.read(requests))
-    w.streams.add(s)
+async def run(s: DecodeStream) -> None:
+    """Write s's batches until it ends; then abort whatever of it still runs."""
+    s.w.streams.add(s)
     try:
         await s.write()
     finally:
-        w.streams.discard(s)
-        reader.cancel()
+        s.w.streams.discard(s)
         s.close()
+
+
+async def decode_stream(w: WorkerState, requests, context: grpc.aio.ServicerContext) -> None:
+    """Worker.DecodeStream over gRPC."""
+    if w.role == "prefill":
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker has role prefill: it does not decode")
+    s = DecodeStream(w, context.write, trace_metadata(context))
+    reader = asyncio.create_task(s.read(requests))
+    try:
+        await run(s)
+    finally:
+        reader.cancel()

@@ -15,3 +15,4 @@ class GatewayConfig:
     max_inflight: int = 4096            # admission: more concurrent requests get 429
     max_retries: int = 2                # a worker that fails mid-request is replaced this many times
     api_key: tuple[str, ...] = ()       # accepted bearer keys; none: open
+    decode_transport: str = "auto"      # auto: framed TCP where a worker offers it, else gRPC | grpc

@@ -54,7 +54,11 @@ class Gateway:
         self.cfg = cfg
         self.index = GlobalIndex(cfg.speculative_ttl_s)
         self.router = Router(self.index, cfg.policy)
-        self.workers: dict[str, Worker] = {a: Worker(a, self.index, self._on_info) for a in cfg.worker}
+        if cfg.decode_transport not in ("auto", "grpc"):
+            raise ValueError(f"decode_transport: must be auto or grpc, got {cfg.decode_transport!r}")
+        self.workers: dict[str, Worker] = {a: Worker(a, self.index, self._on_info,
+                                                     framed=cfg.decode_transport == "auto")
+                                           for a in cfg.worker}
         self.models: dict[str, ModelEntry] = {}
         self._loading: dict[str, asyncio.Task] = {}
         self.inflight = 0
@@ -152,9 +156,7 @@ class Gateway:
                 done = False
                 try:
                     while True:
-                        ups = [await q.get()]
-                        while not q.empty():             # all that came since: one chunk, one write
-                            ups.append(q.get_nowait())
+                        ups = await q.take()             # all that came since: one chunk, one write
                         if first:
                             metrics.TTFT.observe(time.perf_counter() - t0)
                             first = False

@@ -49,7 +49,7 @@ class WorkerState:
 class Worker:
     def __init__(self, address: str, index: GlobalIndex,
                  on_info: Callable[["Worker", worker_pb2.InfoResponse], "asyncio.Future | None"],
-                 retry_s: float = 0.5):
+                 retry_s: float = 0.5, framed: bool = True):
         self.state = WorkerState(address)
         self.index = index
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
@@ -58,6 +58,7 @@ class Worker:
         self.info: worker_pb2.InfoResponse | None = None
         self._on_info = on_info
         self._retry_s = retry_s
+        self._framed = framed         # decode over the worker's framed TCP stream when it offers one
         self._task: asyncio.Task | None = None
         self.resyncs = 0
 
@@ -105,6 +106,8 @@ class Worker:
             if pending is not None:
                 await pending
         self.info = info
+        port = info.decode_stream_port if self._framed else 0
+        self.decoder.tcp = (self.address.rsplit(":", 1)[0].strip("[]"), port) if port else None
         st = self.state
         st.role, st.model, st.page_size = info.role, info.model, info.page_size or 16
         last = None

@@ -27,6 +27,7 @@ class WorkerConfig:
     host: str = "127.0.0.1"
     port: int = 50061
     metrics_port: int = 0               # Prometheus /metrics over HTTP; 0: off
+    decode_stream_port: int = 0         # DecodeStream over framed TCP (gateways' fast path); 0: any free port, -1: off
     served_model_name: str = ""         # default: the --model value
     transfer_backend: str = "grpc"
     prefill_timeout_s: float = 60.0
@@ -72,6 +73,11 @@ async def serve(wcfg: WorkerConfig, ecfg) -> None:
     state = WorkerState(loop=loop, role=wcfg.role, transfer=get_backend(wcfg.transfer_backend, layout),
                         prefill_timeout_s=wcfg.prefill_timeout_s)
 
+    stream_server = None
+    if wcfg.role != "prefill" and wcfg.decode_stream_port >= 0:
+        from services.decode.stream_tcp import DecodeStreamServer
+        stream_server = DecodeStreamServer(state)
+        state.decode_stream_port = await stream_server.start(wcfg.host, wcfg.decode_stream_port)
     address = f"{wcfg.host}:{wcfg.port}"
     server, health_servicer = await start_server(
         address, worker_pb2.DESCRIPTOR.services_by_name["Worker"], worker_pb2_grpc.add_WorkerServicer_to_server,
@@ -80,9 +86,9 @@ async def serve(wcfg: WorkerConfig, ecfg) -> None:
         from prometheus_client import start_http_server
         metrics.bind_engine(engine.load)
         start_http_server(wcfg.metrics_port, addr=wcfg.host)
-    log.warning("worker %s (role %s, model %s) serving on %s%s after %.1f s", state.worker_id, wcfg.role,
-                ecfg.model, address, f", metrics on :{wcfg.metrics_port}" if wcfg.metrics_port else "",
-                time.perf_counter() - t0)
+    log.warning("worker %s (role %s, model %s) serving on %s%s%s after %.1f s", state.worker_id, wcfg.role,
+                ecfg.model, address, f", decode stream on :{state.decode_stream_port}" if stream_server else "",
+                f", metrics on :{wcfg.metrics_port}" if wcfg.metrics_port else "", time.perf_counter() - t0)
 
     stop = asyncio.Event()
     aio = asyncio.get_running_loop()
@@ -96,6 +102,9 @@ async def serve(wcfg: WorkerConfig, ecfg) -> None:
         q.put_nowait(None)
     for s in list(state.streams):
         s.wake.set()                        # a stream with nothing running ends now
-    await server.stop(grace=wcfg.drain_timeout_s)
+    stops = [server.stop(grace=wcfg.drain_timeout_s)]
+    if stream_server is not None:
+        stops.append(stream_server.stop(wcfg.drain_timeout_s))
+    await asyncio.gather(*stops)
     loop.stop()
     log.warning("worker %s stopped", state.worker_id)

@@ -49,7 +49,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             context_length=engine.context_len, vocab_size=engine.model_config.vocab_size,
             page_size=engine.kv.ps, eos_token_ids=engine.eos_token_ids,
             tokenizer_json=tok_json, tokenizer_config_json=tok_cfg, load=self._load(),
-            transfer_backends=backend_names(), ready=not self.w.draining)
+            transfer_backends=backend_names(), ready=not self.w.draining,
+            decode_stream_port=self.w.decode_stream_port)
 
     async def KvEvents(self, request, context):
         """A snapshot of the prefix cache, then every change, in seq order."""

@@ -23,6 +23,7 @@ class WorkerState:
     prefill_timeout_s: float = 60.0         # a Prefill call (compute + transfer) that takes longer fails
     draining: bool = False
     streams: set = field(default_factory=set)   # open DecodeStreams (woken when a drain starts)
+    decode_stream_port: int = 0             # framed-TCP DecodeStream's port (Info); 0: not served
     _peers: dict[str, worker_pb2_grpc.WorkerStub] = field(default_factory=dict)
     _ids: itertools.count = field(default_factory=itertools.count)
 

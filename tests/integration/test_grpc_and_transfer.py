@@ -80,11 +80,44 @@ def test_only_the_missing_suffix_moves(disagg):
     assert sent >= r2 - r0
 
 
-def test_decode_stream_multiplexes_requests(disagg):
-    """Worker.DecodeStream, as the gateway uses it: several requests on one
-    stream (started in one message) each get their own greedy ids; a bad one
-    fails alone with the field named; a second request with a running one's id
-    fails both; a cancelled one stops and frees its pages."""
+class _FramedCall:
+    """The framed-TCP decode stream (Info.decode_stream_port), read and written
+    like grpc.aio's stream-stream call."""
+
+    def __init__(self):
+        from services.common.framed import FramedProtocol
+        from tandem.v1 import worker_pb2
+        self.q: asyncio.Queue = asyncio.Queue()
+        self.proto = FramedProtocol(worker_pb2.DecodeStreamBatch.FromString, self.q.put_nowait,
+                                    lambda why: self.q.put_nowait(None), server=False)
+
+    async def connect(self, port: int) -> "_FramedCall":
+        await asyncio.get_running_loop().create_connection(lambda: self.proto, "127.0.0.1", port)
+        return self
+
+    async def write(self, msg) -> None:
+        self.proto.send(msg)
+
+    def cancel(self) -> None:
+        self.proto.close()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        b = await self.q.get()
+        if b is None:
+            raise StopAsyncIteration
+        return b
+
+
+@pytest.mark.parametrize("transport", ["grpc", "tcp"])
+def test_decode_stream_multiplexes_requests(disagg, transport):
+    """The decode stream, as the gateway uses it, over gRPC (Worker.DecodeStream)
+    and framed TCP: several requests on one stream (started in one message) each
+    get their own greedy ids; a bad one fails alone with the field named; a
+    second request with a running one's id fails both; a cancelled one stops and
+    frees its pages."""
     from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
     prompt = "Name three rivers of Europe."
     want = offline_ids([prompt], N)[0]
@@ -98,7 +131,12 @@ def test_decode_stream_multiplexes_requests(disagg):
     async def go():
         async with grpc.aio.insecure_channel(f"127.0.0.1:{disagg['decode_port']}") as ch:
             stub = worker_pb2_grpc.WorkerStub(ch)
-            call = stub.DecodeStream()
+            if transport == "tcp":
+                info = await stub.Info(worker_pb2.InfoRequest())
+                assert info.decode_stream_port > 0
+                call = await _FramedCall().connect(info.decode_stream_port)
+            else:
+                call = stub.DecodeStream()
             long = req("long")
             long.sampling.max_new_tokens = 400
             long.sampling.ignore_eos = True

@@ -163,3 +163,19 @@ def test_generate_stream_sglang_shape(disagg, want_completions):
         assert (ev["meta_info"]["finish_reason"] is None) == (k < len(events))
     assert events[-1]["text"] == want["text"]
     assert events[-1]["meta_info"]["finish_reason"]["type"] in ("length", "stop")
+
+
+def test_a_gateway_on_grpc_decode_streams_the_same(disagg, model, want_completions, tmp_path):
+    """--decode-transport grpc (Worker.DecodeStream instead of the framed TCP
+    stream the default gateway uses): the same greedy text, streamed."""
+    from tests.integration import cluster
+    gw, port, _ = cluster.gateway("gateway_grpc", [disagg["prefill_port"], disagg["decode_port"]], tmp_path,
+                                  extra=["--decode-transport", "grpc", "--grpc-port", "0"])
+    try:
+        cluster.wait_healthy(port, [gw], timeout=60)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        for prompt, want in zip(PROMPTS, want_completions):
+            stream = c.completions.create(model=model, prompt=prompt, max_tokens=N, temperature=0, stream=True)
+            assert "".join(ch.choices[0].text for ch in stream if ch.choices) == want["text"], prompt
+    finally:
+        gw.stop()

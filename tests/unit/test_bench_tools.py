@@ -244,16 +244,18 @@ def test_http_client_openai_sse(bs):
     assert len(seen) == 4    # 1 warm-up + 3
 
 
-def test_grpc_loadgen_against_the_fake_worker(fake_worker):
-    """benchmarks/grpc_loadgen.py: loadgen.py's JSON over the Worker protocol, every token counted."""
+@pytest.mark.parametrize("transport, api", [("auto", "tcp-decode-stream"), ("grpc", "grpc-decode-stream")])
+def test_grpc_loadgen_against_the_fake_worker(fake_worker, transport, api):
+    """benchmarks/grpc_loadgen.py: loadgen.py's JSON over the Worker protocol (the fake
+    worker's framed TCP stream, or gRPC DecodeStream), every token counted."""
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "grpc_loadgen.py"), "--worker", fake_worker,
                           "-c", "4", "-r", "12", "-n", "5", "--warmup", "2", "--cpu", f"self={os.getpid()}",
-                          "--tag", "target=direct-grpc"],
+                          "--tag", "target=direct-grpc", "--transport", transport],
                          capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0, out.stderr[-2000:]
     d = json.loads(out.stdout)
-    assert (d["ok"], d["errors"], d["chunks"]) == (12, 0, 60)
+    assert (d["ok"], d["errors"], d["chunks"], d["api"]) == (12, 0, 60, api)
     assert d["tags"] == {"target": "direct-grpc"} and set(d["cpu_s"]) == {"self"}
     assert 0 < d["ttfc_ms"]["p50"] <= d["total_ms"]["p50"] < 10_000
 
