@@ -70,32 +70,36 @@ def host_profile(prof, top: int = 25) -> list[dict]:
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress: bool,
-               profile_steps: int = 0, profile_host: bool = False) -> dict:
+               profile_steps: int = 0, profile_host: bool = False, windows: int = 1) -> dict:
     """Every prompt at once, to the end. With profile_steps, a torch profiler records that
-    many steps from the moment half the output tokens are out (steady state); with
-    profile_host, cProfile then records as many more (the host's own time by function)."""
+    many steps in `windows` windows spread over the run (window k of W starts when k/(W+1)
+    of the output tokens are out), merged into one idle share; with profile_host, cProfile
+    records as many steps as a window right after the first one (the host's own time by
+    function)."""
     params = SamplingParams(temperature=0.0, max_new_tokens=out_len, ignore_eos=True)
     t0 = time.perf_counter()
     rids = [engine.add_request(p, params) for p in prompts]
     first, last, count = {}, {}, 0
     total = len(prompts) * out_len
     bar = _bar(total, "engine", progress)
-    prof, profiled, idle = None, 0, {}
+    marks = [total * (k + 1) // (windows + 1) for k in range(windows)] if profile_steps else []
+    per_window = max(1, profile_steps // max(1, windows))
+    prof, profiled, done = None, 0, []
     cprof, host_steps, host = None, 0, {}
     while engine.has_unfinished():
-        if profile_host and idle and cprof is None and not host:
+        if profile_host and done and cprof is None and not host:
             import cProfile
             cprof, t_host = cProfile.Profile(), time.perf_counter()
             cprof.enable()
         if cprof is not None:
             host_steps += 1
-            if host_steps > profile_steps or not engine.has_unfinished():
+            if host_steps > per_window or not engine.has_unfinished():
                 cprof.disable()
                 host = {"host_profile_steps": host_steps - 1,
                         "host_profile_wall_ms": round(1e3 * (time.perf_counter() - t_host), 1),
                         "host_profile": host_profile(cprof)}
                 cprof = None
-        if profile_steps and prof is None and not idle and count >= total // 2:
+        if prof is None and cprof is None and len(done) < len(marks) and count >= marks[len(done)]:
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                       torch.profiler.ProfilerActivity.CUDA])
             prof.__enter__()
@@ -103,9 +107,10 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress:
             with torch.profiler.record_function("engine_step"):
                 outs = engine.step()
             profiled += 1
-            if profiled == profile_steps or not engine.has_unfinished():
+            if profiled == per_window or not engine.has_unfinished():
                 prof.__exit__(None, None, None)
-                idle, prof = roofline.gpu_idle_share(prof), None
+                done.append(roofline.gpu_idle_share(prof))
+                prof, profiled = None, 0
         else:
             outs = engine.step()
         now = time.perf_counter()
@@ -121,7 +126,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress:
     return {"wall_s": wall, "output_tokens": count, "output_tok_s": count / wall,
             "total_tok_s": (count + sum(map(len, prompts))) / wall,
             "ttft_ms_median": 1e3 * statistics.median(ttft), "tpot_ms_median": 1e3 * statistics.median(tpot),
-            **idle, **host}
+            **roofline.merge_idle([d for d in done if d]), **host}
 
 
 def run_transformers(engine: Engine, source_path, hf_config: dict, prompts, out_len: int, batch: int,
@@ -295,8 +300,11 @@ def main() -> None:
                     help="batch-1 decode: tokens generated after a --batch1-input-len prompt (0: skip)")
     ap.add_argument("--batch1-input-len", type=int, default=128)
     ap.add_argument("--profile-idle", action="store_true",
-                    help="torch profiler over --profile-steps steps of the throughput run: GPU idle share")
-    ap.add_argument("--profile-steps", type=int, default=50)
+                    help="torch profiler over --profile-steps steps of the throughput run, in "
+                         "--profile-windows windows: GPU idle share")
+    ap.add_argument("--profile-steps", type=int, default=50, help="steps profiled, over all windows")
+    ap.add_argument("--profile-windows", type=int, default=4,
+                    help="profiler windows spread over the run (window k of W at k/(W+1) of the output)")
     ap.add_argument("--profile-host", action="store_true",
                     help="with --profile-idle: cProfile over as many steps after the profiler's, "
                          "host functions by own time in the JSON")
@@ -362,7 +370,7 @@ def main() -> None:
         result.update({"num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len})
         result.update(run_engine(engine, prompts, args.output_len, progress,
                                  args.profile_steps if args.profile_idle and cuda else 0,
-                                 args.profile_host))
+                                 args.profile_host, args.profile_windows))
         if hw:
             mc = engine.model_config
             batch = min(args.max_running_requests,
@@ -424,6 +432,8 @@ def _report_throughput(r: dict) -> None:
                 f"{r['roofline_tok_s_overlapped']:.0f} (prefill hidden)")
     if "gpu_idle_share" in r:
         msg += f"; GPU idle {100 * r['gpu_idle_share']:.1f}% over {r['profiled_steps']} steps"
+        if len(r.get("window_idle_shares", [])) > 1:
+            msg += " (windows: " + ", ".join(f"{100 * x:.0f}%" for x in r["window_idle_shares"]) + ")"
     for k in r.get("top_kernels", [])[:8]:
         msg += f"\n  {100 * k['share']:5.1f}% {k['ms']:9.1f} ms {k['calls']:6d}x  {k['name']}"
     if "host_profile" in r:

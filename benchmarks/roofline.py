@@ -134,4 +134,26 @@ def gpu_idle_share(prof, window_name: str = "engine_step") -> dict:
                              "share": round(t / kernel_ms, 4) if kernel_ms else 0.0} for n, (t, c) in top]}
 
 
+def merge_idle(windows: list[dict]) -> dict:
+    """gpu_idle_share of several profiler windows as one: steps, wall and busy time summed,
+    kernels merged by name; each window's own idle share under "window_idle_shares"."""
+    if not windows:
+        return {}
+    wall = sum(w["profiled_wall_ms"] for w in windows)
+    busy = sum(w["gpu_busy_ms"] for w in windows)
+    by_name: dict[str, list] = {}
+    for w in windows:
+        for k in w.get("top_kernels", []):
+            t = by_name.setdefault(k["name"], [0.0, 0])
+            t[0] += k["ms"]
+            t[1] += k["calls"]
+    kernel_ms = sum(t for t, _ in by_name.values())
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]
+    return {"profiled_steps": sum(w["profiled_steps"] for w in windows), "profiled_wall_ms": wall,
+            "gpu_busy_ms": busy, "gpu_idle_share": 1 - busy / wall if wall else 0.0,
+            "window_idle_shares": [round(w["gpu_idle_share"], 4) for w in windows],
+            "top_kernels": [{"name": n, "ms": round(t, 3), "calls": c,
+                             "share": round(t / kernel_ms, 4) if kernel_ms else 0.0} for n, (t, c) in top]}
+
+
 TOP_KERNELS = 15     # kernels (and copies) by GPU time over the profiled steps, in the JSON

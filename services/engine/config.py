@@ -140,7 +140,7 @@ class EngineConfig:
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     attention_backend: str = "auto"   # auto | torch | cpu (C++ kernels) | triton | flashinfer
     disable_cuda_graph: bool = False  # decode batches run eagerly
-    cuda_graph_max_bs: int = 256      # largest decode batch captured (capped by max_running_requests)
+    cuda_graph_max_bs: int = 512      # largest decode batch captured (capped by max_running_requests)
     disable_overlap: bool = False     # CUDA: schedule step N+1 only after step N's ids are read back
     max_model_len: int | None = None  # context cap; default: the model's, bounded by the pool
     gguf_decode: bool = True          # CPU fp32 from a GGUF: decode matmuls read its quantized blocks

@@ -25,8 +25,10 @@ log = logging.getLogger("tandem.engine")
 
 
 def graph_buckets(max_bs: int) -> list[int]:
-    """1, 2, 4, 8, then every multiple of 8, up to max_bs (included)."""
-    sizes = [b for b in (1, 2, 4) if b < max_bs] + list(range(8, max_bs + 1, 8))
+    """1, 2, 4, 8, then every multiple of 8 up to 256 and of 16 past it, up to max_bs
+    (included): at most 1/16 of a big batch is padding."""
+    sizes = [b for b in (1, 2, 4) if b < max_bs] + list(range(8, min(max_bs, 256) + 1, 8)) \
+        + list(range(272, max_bs + 1, 16))
     if not sizes or sizes[-1] != max_bs:
         sizes.append(max_bs)
     return sizes

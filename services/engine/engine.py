@@ -179,6 +179,8 @@ class Engine:
         sampling = [c.req for c in batch.chunks if c.sample]
         if not sampling:
             return None
+        if all(r.plain_greedy for r in sampling):      # the common case, without a pass per stage
+            return SamplingBatch.plain_greedy(len(sampling), self.model_config.vocab_size, self.device)
         inputs = [SamplingInput(r.params, r.prompt_ids, r.output_ids, r.eos_token_ids) for r in sampling]
         return SamplingBatch.build(inputs, self.model_config.vocab_size, self.device, self.executor.resolve)
 
@@ -186,29 +188,34 @@ class Engine:
         """What the launched step will have done: its positions are computed, and each
         sampling request holds a placeholder for its new token (at index
         chunk.start + chunk.n - len(prompt) of output_ids) until postprocess."""
-        for c in batch.chunks:
-            c.req.num_computed = c.start + c.n
-        for c, tok in zip((c for c in batch.chunks if c.sample), placeholders):
-            c.req.output_ids.append(tok)
+        it = iter(placeholders)
+        for req, start, n, sample in batch.chunks:
+            req.num_computed = start + n
+            if sample:
+                req.output_ids.append(next(it))
 
     def _postprocess(self, step: LaunchedStep | None) -> list[StepOutput]:
         if step is None:
             return []
-        out = step.result()
-        sampled = [c for c in step.batch.chunks if c.sample]
-        for i, c in enumerate(sampled):
-            if c.req.status is not Status.FINISHED:     # else it ended a step earlier: drop the extra token
-                c.req.output_ids[c.start + c.n - len(c.req.prompt_ids)] = out.token_ids[i]
-        for c in step.batch.chunks:
-            if c.n > 1 and c.req.status is Status.RUNNING:
-                self.kv.cache_prefix(c.req)
-        results = []
-        for i, c in enumerate(sampled):
-            if c.req.status is not Status.FINISHED:
-                results.append(self._emit(c.req, c.start + c.n - len(c.req.prompt_ids), out.token_ids[i],
-                                          out.logprobs[i] if out.logprobs else None,
-                                          out.top_logprobs[i] if out.top_logprobs else None))
-        return results
+        out = step.result()                             # None: no chunk of the step samples
+        tokens, lps, tops = (out.token_ids, out.logprobs, out.top_logprobs) if out is not None else ((), None, None)
+        finished = Status.FINISHED
+        sampled = []                                    # (request, index in output_ids, token, row)
+        for req, start, n, sample in step.batch.chunks:
+            if sample:
+                row = len(sampled)
+                if req.status is not finished:          # else it ended a step earlier: drop the extra token
+                    idx = start + n - len(req.prompt_ids)
+                    req.output_ids[idx] = tokens[row]
+                    sampled.append((req, idx, tokens[row], row))
+                else:
+                    sampled.append(None)
+        for req, start, n, sample in step.batch.chunks:
+            if n > 1 and req.status is Status.RUNNING:
+                self.kv.cache_prefix(req)
+        emit = self._emit
+        return [emit(req, idx, tok, lps[row] if lps else None, tops[row] if tops else None)
+                for req, idx, tok, row in filter(None, sampled)]
 
     def _emit(self, req: Request, idx: int, tok: int, lp: float | None, top) -> StepOutput:
         """Output token idx (already in output_ids) is known: record it, finish the request

@@ -45,6 +45,13 @@ class Request:
     # of `pages` that row holds. KVManager zeroes page_table_synced when it replaces pages.
     page_table_row: int = -1
     page_table_synced: int = 0
+    # Greedy, without penalties, logprobs or a min_new_tokens ban: a batch of only these
+    # samples by argmax with nothing to build (SamplingBatch.plain_greedy).
+    plain_greedy: bool = False
+
+    def __post_init__(self):
+        p = self.params
+        self.plain_greedy = p.greedy and not p.uses_penalties and not p.logprobs and p.min_new_tokens == 0
 
     @property
     def all_ids(self) -> list[int]:

@@ -150,28 +150,39 @@ class StepArrays:
     def build(cls, chunks: tuple[Chunk, ...], ps: int, table: PageTable,
               host_table: bool = False) -> "StepArrays":
         B = len(chunks)
-        reqs = [c.req for c in chunks]
-        starts = np.fromiter((c.start for c in chunks), np.int64, B)
-        ns = np.fromiter((c.n for c in chunks), np.int64, B)
+        # One pass over the chunks (hundreds a step): their fields, page-table rows, and
+        # for the leading one-token sequences (decodes) their input id and KV slot.
+        reqs, starts, ns, rows, samples, ids, slots = [], [], [], [], [], [], []
+        nd = 0                                       # the leading one-token sequences
+        for r, start, n, sample in chunks:
+            reqs.append(r)
+            starts.append(start)
+            ns.append(n)
+            samples.append(sample)
+            row = r.page_table_row
+            rows.append(row if row >= 0 else table.row_of(r))
+            if n == 1 and nd == len(starts) - 1:
+                p = len(r.prompt_ids)
+                ids.append(r.output_ids[start - p] if start >= p else r.prompt_ids[start])
+                slots.append(r.pages[start // ps] * ps + start % ps)
+                nd += 1
+        starts, ns = np.array(starts, np.int64), np.array(ns, np.int64)
         seq_lens = starts + ns
         npages = -(-seq_lens // ps)
-        rows = np.fromiter((table.row_of(r) for r in reqs), np.int32, B)
+        rows = np.array(rows, np.int32)
         pt_index, pt_pages = table.updates(reqs, npages)
         q_start = np.zeros(B + 1, np.int64)
         np.cumsum(ns, out=q_start[1:])
         T = int(q_start[-1])
-        nd = B if T == B else int(np.argmax(ns != 1))
-        dec = chunks[:nd]                            # the leading one-token sequences
-        out_slots = np.fromiter((c.req.pages[c.start // ps] for c in dec), np.int64, nd) * ps + starts[:nd] % ps
+        out_slots = np.array(slots, np.int64)
         if T == B:                                   # one token per sequence (decode)
             positions = starts
-            ids = [tokens_of(c.req, c.start, 1)[0] for c in chunks]
         else:
             positions = np.arange(T) - np.repeat(q_start[:-1] - starts, ns)
-            ids = [t for c in chunks for t in tokens_of(c.req, c.start, c.n)]
+            ids += [t for c in chunks[nd:] for t in tokens_of(c.req, c.start, c.n)]
             out_slots = np.concatenate([out_slots] + [_chunk_slots(c, ps) for c in chunks[nd:]])
         input_ids = np.asarray(ids, np.int32)
-        sample = np.fromiter((c.sample for c in chunks), bool, B)
+        sample = np.array(samples, bool)
         arrays = {
             "input_ids": input_ids, "positions": positions.astype(np.int64), "out_slots": out_slots,
             "rows": rows, "pt_index": pt_index, "pt_pages": pt_pages, "seq_lens": seq_lens.astype(np.int32),

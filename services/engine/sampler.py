@@ -96,6 +96,14 @@ class SamplingBatch:
     top_logprobs: list[int]        # top_logprobs of each row in logprob_rows
 
     @classmethod
+    def plain_greedy(cls, size: int, vocab_size: int, device: torch.device | str = "cpu") -> "SamplingBatch":
+        """What build() makes of rows that are all greedy without penalties, logprobs
+        or banned ids (Request.plain_greedy): argmax, nothing per row."""
+        return cls(size=size, vocab_size=vocab_size, device=torch.device(device), all_greedy=True, greedy=None,
+                   temperatures=None, top_k=None, top_width=vocab_size, top_p=None, min_p=None, penalties=None,
+                   banned=None, seeded_rows=[], any_unseeded=False, logprob_rows=[], top_logprobs=[])
+
+    @classmethod
     def build(cls, inputs: Sequence[SamplingInput], vocab_size: int,
               device: torch.device | str = "cpu",
               resolve: Callable[[Tensor], Tensor] | None = None) -> "SamplingBatch":

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from .config import SchedulerConfig
 from .kv_manager import KVManager
 from .request import Request, Status
 
 
-@dataclass(frozen=True)
-class Chunk:
+class Chunk(NamedTuple):     # a tuple: hundreds are made every step
     req: Request
     start: int          # first position computed in this forward
     n: int              # number of positions computed
@@ -77,9 +76,20 @@ class Scheduler:
         return ScheduledBatch(tuple(chunks)) if chunks else None
 
     def _schedule_decodes(self) -> list[Chunk]:
-        # A request whose newest token (maybe not read back yet) ends it by length is done.
-        decodes = [r for r in self.running if r.is_decoding and not r.reached_max_len]
-        need = sum(self.kv.pages_needed(r, r.num_computed + 1) for r in decodes)
+        # One pass over the running requests with their fields read inline (this runs
+        # every step for hundreds of requests): r.is_decoding and not r.reached_max_len,
+        # that is one position pending after a first output, and the newest token (maybe
+        # not read back yet) does not end it by length.
+        ps = self.kv.ps
+        decodes, need = [], 0
+        for r in self.running:
+            n_out = len(r.output_ids)
+            seq = len(r.prompt_ids) + n_out
+            if n_out and seq - r.num_computed == 1 and seq < r.max_seq_len:
+                decodes.append(r)
+                k = -(-seq // ps) - len(r.pages)      # pages_needed(r, num_computed + 1)
+                if k > 0:
+                    need += k
         while need > self.kv.available_pages() and len(self.running) > 1:
             victim = self.running[-1]
             if victim in decodes:
@@ -88,26 +98,35 @@ class Scheduler:
             self._retract(victim)
         chunks = []
         for r in decodes:
-            ok = self.kv.ensure_pages(r, r.num_computed + 1)
-            assert ok, "decode page allocation failed after retraction"
-            chunks.append(Chunk(r, r.num_computed, 1, True))
+            start = r.num_computed
+            if -(-(start + 1) // ps) > len(r.pages):
+                ok = self.kv.ensure_pages(r, start + 1)
+                assert ok, "decode page allocation failed after retraction"
+            chunks.append(Chunk(r, start, 1, True))
         return chunks
 
     def _schedule_prefills(self, budget: int) -> list[Chunk]:
         chunks: list[Chunk] = []
-        for r in self.running:
-            if budget <= 0:
-                return chunks
-            if not r.is_decoding:
-                c = self._chunk(r, budget)
-                if c is None:
-                    return chunks
-                chunks.append(c)
-                budget -= c.n
-        prefilling = [r for r in self.running if not r.is_decoding]
+        # One pass: the running requests still prefilling, and how many places are taken.
         # Requests done by length (their last token not read back yet, overlap.py) leave at
         # this step's postprocess: their places are free already.
-        active = sum(not r.reached_max_len for r in self.running)
+        prefilling, active = [], 0
+        for r in self.running:
+            n_out = len(r.output_ids)
+            seq = len(r.prompt_ids) + n_out
+            active += seq < r.max_seq_len
+            if not (n_out and seq - r.num_computed == 1):
+                prefilling.append(r)
+        for r in prefilling:
+            if budget <= 0:
+                return chunks
+            c = self._chunk(r, budget)
+            if c is None:
+                return chunks
+            chunks.append(c)
+            budget -= c.n
+        if budget <= 0 or not self.waiting or active >= self.cfg.max_running_requests:
+            return chunks
         owed = self.running_reserve()                # kept up to date below, not recomputed
         for r in self._admission_order():
             if budget <= 0 or active >= self.cfg.max_running_requests:
@@ -171,8 +190,16 @@ class Scheduler:
         return int(left * self.cfg.new_token_ratio)
 
     def running_reserve(self) -> int:
-        """Pages the running requests are still owed: rest of the prompt plus their reserve."""
-        return sum(self.kv.pages_needed(r, r.seq_len + self._reserve(r)) for r in self.running)
+        """Pages the running requests are still owed: rest of the prompt plus their reserve
+        (pages_needed(r, r.seq_len + self._reserve(r)) summed, inline)."""
+        ps, ratio, total = self.kv.ps, self.cfg.new_token_ratio, 0
+        for r in self.running:
+            n_out = len(r.output_ids)
+            k = -(-(len(r.prompt_ids) + n_out + int((r.params.max_new_tokens - n_out) * ratio)) // ps) \
+                - len(r.pages)
+            if k > 0:
+                total += k
+        return total
 
     def _admission_order(self) -> Iterable[Request]:
         waiting = list(self.waiting)

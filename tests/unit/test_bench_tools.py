@@ -276,3 +276,19 @@ def test_gpu_idle_share_and_top_kernels():
     r = roofline.gpu_idle_share(NS(events=lambda: events))
     assert r["profiled_steps"] == 2 and r["gpu_busy_ms"] == 0.04 and abs(r["gpu_idle_share"] - 0.6) < 1e-9
     assert [(k["name"], k["calls"], k["share"]) for k in r["top_kernels"]] == [("gemm", 2, 0.8), ("attn", 1, 0.2)]
+
+
+def test_merge_idle_of_several_windows():
+    """benchmarks/roofline.merge_idle: windows' wall and busy time summed (not their shares
+    averaged), kernels merged by name."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import roofline
+    a = {"profiled_steps": 2, "profiled_wall_ms": 10.0, "gpu_busy_ms": 9.0, "gpu_idle_share": 0.1,
+         "top_kernels": [{"name": "gemm", "ms": 6.0, "calls": 4, "share": 0.6}, {"name": "attn", "ms": 3.0, "calls": 2}]}
+    b = {"profiled_steps": 3, "profiled_wall_ms": 30.0, "gpu_busy_ms": 15.0, "gpu_idle_share": 0.5,
+         "top_kernels": [{"name": "attn", "ms": 15.0, "calls": 3, "share": 1.0}]}
+    r = roofline.merge_idle([a, b])
+    assert r["profiled_steps"] == 5 and r["profiled_wall_ms"] == 40.0 and r["gpu_busy_ms"] == 24.0
+    assert abs(r["gpu_idle_share"] - 0.4) < 1e-9 and r["window_idle_shares"] == [0.1, 0.5]
+    assert [(k["name"], k["ms"], k["calls"]) for k in r["top_kernels"]] == [("attn", 18.0, 5), ("gemm", 6.0, 4)]
+    assert roofline.merge_idle([]) == {}

@@ -66,6 +66,8 @@ def test_registry_and_defaults():
     assert default_backend(torch.device("cpu")) in ("cpu", "torch")
     assert graph_buckets(256)[:6] == [1, 2, 4, 8, 16, 24] and graph_buckets(256)[-1] == 256
     assert graph_buckets(20) == [1, 2, 4, 8, 16, 20] and graph_buckets(1) == [1]
+    assert graph_buckets(512)[34:37] == [256, 272, 288] and graph_buckets(512)[-1] == 512
+    assert graph_buckets(300)[-3:] == [272, 288, 300] and len(set(graph_buckets(512))) == len(graph_buckets(512))
 
 
 def _device_table(table: PageTable, s: StepArrays) -> list[list[int]]:
