@@ -11,8 +11,10 @@ callers keep to the torch ops.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -45,6 +47,21 @@ def _build_dir() -> Path:
     return d
 
 
+@contextmanager
+def _build_lock(d: Path):
+    """One build at a time in d, across processes, by a lock the kernel drops when its
+    holder dies. torch's own lock (a `lock` file it creates and deletes) outlives a build
+    that was killed, and every later load would wait on it forever; holding this one, no
+    other build runs, so a `lock` file left there is stale and goes."""
+    with open(d / "tandem-build.flock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        stale = d / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a CPU-kernel build that did not finish", stale)
+            stale.unlink(missing_ok=True)
+        yield
+
+
 @lru_cache(maxsize=1)
 def flavor() -> str | None:
     """The build this CPU runs: 'avx512bf16', 'avx2', or None (TANDEM_CPU_KERNELS=0 forces None)."""
@@ -60,12 +77,13 @@ def _ext():
     try:
         from torch.utils.cpp_extension import load
         log.info("building CPU kernels for %s (once; cached in %s)", flavor(), _build_dir())
-        return load(name=f"tandem_cpu_kernels_{flavor()}", sources=[str(p) for p in _SRCS],
-                    build_directory=str(_build_dir()),
-                    # -fopenmp compiles at::parallel_for's pragmas; the GOMP symbols are
-                    # left to resolve against torch's own libgomp (already loaded
-                    # globally), so the kernels share torch's thread pool.
-                    extra_cflags=["-O3", *_FLAVORS[flavor()][1], "-fopenmp"], verbose=False)
+        with _build_lock(_build_dir()):
+            return load(name=f"tandem_cpu_kernels_{flavor()}", sources=[str(p) for p in _SRCS],
+                        build_directory=str(_build_dir()),
+                        # -fopenmp compiles at::parallel_for's pragmas; the GOMP symbols are
+                        # left to resolve against torch's own libgomp (already loaded
+                        # globally), so the kernels share torch's thread pool.
+                        extra_cflags=["-O3", *_FLAVORS[flavor()][1], "-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, an old assembler: keep to torch ops
         log.warning("CPU kernels unavailable (%s); using torch ops", str(e).splitlines()[0] if str(e) else e)
         return None

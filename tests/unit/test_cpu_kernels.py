@@ -99,3 +99,14 @@ def test_silu_mul(dtype):
     gu = torch.randn(5, 2 * 1536, dtype=dtype)
     g, u = gu.split(1536, dim=-1)
     close(K.silu_mul(gu), F.silu(g) * u, dtype)
+
+
+def test_a_stale_build_lock_is_removed(tmp_path):
+    """torch's build lock left by a killed build would make every later load wait forever;
+    under the build's own flock a leftover `lock` file is known stale and removed."""
+    import kernels.cpu as kc
+    (tmp_path / "lock").write_text("")
+    with kc._build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+    with kc._build_lock(tmp_path):                 # released on exit: it can be taken again
+        pass
