@@ -237,7 +237,8 @@ def framed_connection(w: FakeWorker) -> FramedProtocol:
         holder["task"].cancel()
 
     s = _FakeStream(w, send)
-    proto = FramedProtocol(worker_pb2.DecodeStreamRequest.FromString, s.on_message, lost, server=True)
+    proto = FramedProtocol(worker_pb2.DecodeStreamRequest.FromString, s.on_message, lost, server=True,
+                           identity=w.worker_id)
     holder["task"] = asyncio.get_running_loop().create_task(s.run())
     return proto
 

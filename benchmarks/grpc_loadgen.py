@@ -98,8 +98,9 @@ async def main_async(a) -> dict:
     muxes = [DecodeMux(worker_pb2_grpc.WorkerStub(ch), w) for ch, w in zip(channels, a.worker)]
     if a.transport == "auto":                 # as the gateway does: the framed stream when offered
         for m in muxes:
-            port = (await m.stub.Info(worker_pb2.InfoRequest(), timeout=5)).decode_stream_port
-            m.tcp = (m.address.rsplit(":", 1)[0], port) if port else None
+            info = await m.stub.Info(worker_pb2.InfoRequest(), timeout=5)
+            port = info.decode_stream_port
+            m.tcp = (m.address.rsplit(":", 1)[0], port, info.worker_id) if port else None
     warmup = a.warmup if a.warmup is not None else max(a.concurrency, 8)
     try:
         if warmup:

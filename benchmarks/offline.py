@@ -119,6 +119,10 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress:
             last[o.rid] = now
         count += len(outs)
         bar.update(len(outs))
+    if cprof is not None:                        # the run ended inside the host window
+        cprof.disable()
+        host = {"host_profile_steps": host_steps, "host_profile_wall_ms": round(1e3 * (time.perf_counter() - t_host), 1),
+                "host_profile": host_profile(cprof)}
     bar.close()
     wall = time.perf_counter() - t0
     ttft = [first[r] - t0 for r in rids]

@@ -130,6 +130,7 @@ def gpu_idle_share(prof, window_name: str = "engine_step") -> dict:
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]
     return {"profiled_steps": len(steps), "profiled_wall_ms": wall / 1e3,
             "gpu_busy_ms": covered / 1e3, "gpu_idle_share": 1 - covered / wall if wall else 0.0,
+            "kernel_ms": kernel_ms / 1e3,
             "top_kernels": [{"name": n, "ms": round(t / 1e3, 3), "calls": c,
                              "share": round(t / kernel_ms, 4) if kernel_ms else 0.0} for n, (t, c) in top]}
 
@@ -147,9 +148,11 @@ def merge_idle(windows: list[dict]) -> dict:
             t = by_name.setdefault(k["name"], [0.0, 0])
             t[0] += k["ms"]
             t[1] += k["calls"]
-    kernel_ms = sum(t for t, _ in by_name.values())
+    # every kernel's time (the windows' lists are cut to their top ones), for the shares
+    kernel_ms = sum(w.get("kernel_ms", sum(k["ms"] for k in w.get("top_kernels", []))) for w in windows)
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]
     return {"profiled_steps": sum(w["profiled_steps"] for w in windows), "profiled_wall_ms": wall,
+            "kernel_ms": kernel_ms,
             "gpu_busy_ms": busy, "gpu_idle_share": 1 - busy / wall if wall else 0.0,
             "window_idle_shares": [round(w["gpu_idle_share"], 4) for w in windows],
             "top_kernels": [{"name": n, "ms": round(t, 3), "calls": c,

@@ -5,9 +5,12 @@ wakes the event loop through a socket pair), about 0.2 ms a message each way on
 a small machine; a stream of many small messages (a decode worker's token
 batches) pays it for every engine step. This is the same exchange on a plain
 asyncio transport: each message is a little-endian uint32 length and the
-serialized protobuf; the client opens with MAGIC, so that a stray connection
-(or a peer of another version) is refused at once. Messages are parsed and
-handed to a callback inside data_received: no queue, no task hop.
+serialized protobuf. The client opens with MAGIC and a line naming the peer it
+expects (a worker id; empty: any), so that a stray connection, a peer of
+another version, or another process now on a reused port is refused before
+any message is read. Messages are parsed and handed to a callback inside
+data_received: no queue, no task hop. TCP keepalive (30 s idle, then 3 probes
+10 s apart) notices a peer whose host is gone, as gRPC's keepalive pings do.
 
 Flow control is the transport's: send() never blocks, and a writer that must
 not outrun its reader awaits drain(), which returns once the kernel buffer
@@ -27,17 +30,23 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"TANDEM-FRAMED/1\n"
 _HEADER = struct.Struct("<I")
+_MAX_HELLO = 256                  # the line after MAGIC
+_KEEPALIVE = (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
 
 
 class FramedProtocol(asyncio.Protocol):
     """One connection. parse(bytes) -> message; on_message(message) for each frame
-    in order; on_eof() when the peer ends its side (this side may still send);
-    on_lost(reason or None) once, when the connection is gone."""
+    in order; on_eof() when the peer ends its side (this side may still send; without
+    on_eof the connection closes); on_lost(reason or None) once, when it is gone.
+    A client sends `expect` after MAGIC; a server refuses a peer whose expected id is
+    neither empty nor `identity`."""
 
     def __init__(self, parse: Callable, on_message: Callable, on_lost: Callable[[str | None], None],
-                 on_eof: Callable[[], None] | None = None, *, server: bool, max_frame: int = MAX_MESSAGE_BYTES):
+                 on_eof: Callable[[], None] | None = None, *, server: bool, max_frame: int = MAX_MESSAGE_BYTES,
+                 identity: str = "", expect: str = ""):
         self.parse, self.on_message, self.on_lost, self.on_eof = parse, on_message, on_lost, on_eof
         self.max_frame = max_frame
+        self.identity, self.expect = identity, expect
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._need_magic = server
@@ -51,22 +60,30 @@ class FramedProtocol(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for name, value in _KEEPALIVE:
+                if hasattr(socket, name):
+                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
         if not self._need_magic:
-            transport.write(MAGIC)
+            transport.write(MAGIC + self.expect.encode() + b"\n")
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
         buf += data
         pos = 0
         if self._need_magic:
-            if len(buf) < len(MAGIC):
-                if not MAGIC.startswith(bytes(buf)):
-                    return self.abort("the peer does not speak the framed protocol")
-                return
-            if not buf.startswith(MAGIC):
+            if not (buf.startswith(MAGIC) or MAGIC.startswith(bytes(buf[:len(MAGIC)]))):
                 return self.abort("the peer does not speak the framed protocol")
+            end = buf.find(b"\n", len(MAGIC))
+            if end < 0:
+                if len(buf) > len(MAGIC) + _MAX_HELLO:
+                    return self.abort("the peer's hello line is too long")
+                return
+            expect = bytes(buf[len(MAGIC):end]).decode("utf-8", "replace")
+            if expect and expect != self.identity:
+                return self.abort(f"the peer expects worker {expect!r}; this is {self.identity!r}")
             self._need_magic = False
-            pos = len(MAGIC)
+            pos = end + 1
         view = memoryview(buf)
         try:
             while len(buf) - pos >= 4 and not self.closed:

@@ -4,8 +4,10 @@ The same messages (DecodeStreamRequest in, DecodeStreamBatch out) and the same
 DecodeStream behind them as the gRPC method, on a port of its own that the
 worker names in Info.decode_stream_port; gateways use it when it is there and
 fall back to the gRPC method when it is not (or cannot be reached). One
-connection is one stream: the caller ending its side ends the stream once its
-requests are done; the connection going away aborts them all.
+connection is one stream; a caller that expects another worker id (a port
+reused after a restart) is refused. The caller closing its side, or the
+connection going away, aborts every request still on it (a gateway never
+half-closes: its end means it is gone, as a cancelled gRPC call).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 class _Connection:
     def __init__(self, w: WorkerState, live: set):
         self.proto = FramedProtocol(worker_pb2.DecodeStreamRequest.FromString, self._on_message, self._on_lost,
-                                    self._on_eof, server=True)
+                                    server=True, identity=w.worker_id)
         self.stream = DecodeStream(w, self._send)
         self.task = asyncio.get_running_loop().create_task(self._run())
         live.add(self.task)
@@ -32,9 +34,6 @@ class _Connection:
 
     def _on_message(self, msg) -> None:
         self.stream.on_message(msg)
-
-    def _on_eof(self) -> None:
-        self.stream.end_input()
 
     def _on_lost(self, why: str | None) -> None:
         if why:
@@ -60,11 +59,23 @@ class DecodeStreamServer:
         self.live: set[asyncio.Task] = set()
 
     async def start(self, host: str, port: int = 0) -> int:
-        """Listen on host:port (0: any free port); the port listened on."""
+        """Listen on host:port (0: any free port; "[::]" as gRPC writes it is "::"); the port
+        listened on, or 0 (not offered: gateways use gRPC) when it cannot listen."""
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: _Connection(self.w, self.live).proto, host, port,
-                                               backlog=1024)
-        return self.server.sockets[0].getsockname()[1]
+        host = host.strip("[]") or None
+        try:
+            self.server = await loop.create_server(lambda: _Connection(self.w, self.live).proto, host, port,
+                                                   backlog=1024)
+        except OSError as e:
+            log.warning("decode stream: cannot listen on %s:%d (%s); gateways will use gRPC", host, port, e)
+            return 0
+        ports = {s.getsockname()[1] for s in self.server.sockets}
+        if len(ports) > 1:                    # port 0 on a host of several addresses: one port each
+            log.warning("decode stream: %s listens on several ports %s; not offered", host, sorted(ports))
+            self.server.close()
+            self.server = None
+            return 0
+        return ports.pop()
 
     async def stop(self, grace_s: float) -> None:
         """Stop accepting; streams end as their requests finish (the drain woke them),

@@ -125,10 +125,13 @@ class Scheduler:
                 return chunks
             chunks.append(c)
             budget -= c.n
-        if budget <= 0 or not self.waiting or active >= self.cfg.max_running_requests:
+        if not self.waiting:
+            return chunks
+        order = self._admission_order()              # (lpm: its prefix matches also keep the
+        if budget <= 0 or active >= self.cfg.max_running_requests:   # waiting prompts fresh in the LRU)
             return chunks
         owed = self.running_reserve()                # kept up to date below, not recomputed
-        for r in self._admission_order():
+        for r in order:
             if budget <= 0 or active >= self.cfg.max_running_requests:
                 break
             if prefilling and self._shares_pending_prefix(r, prefilling):

@@ -78,7 +78,8 @@ class DecodeMux:
     def __init__(self, stub, address: str):
         self.stub = stub
         self.address = address
-        self.tcp: tuple[str, int] | None = None     # the worker's framed stream (host, port); None: gRPC
+        # The worker's framed stream: (host, port, worker id it must answer as); None: gRPC.
+        self.tcp: tuple[str, int, str] | None = None
         self.queues: dict[str, Inbox] = {}
         self._starts: list[worker_pb2.DecodeRequest] = []
         self._cancels: list[str] = []
@@ -199,9 +200,10 @@ class _TcpLink:
     """The framed stream: batches are dispatched as they are parsed; what is waiting
     goes out once per event-loop pass (call_soon), so a burst of requests is one write."""
 
-    def __init__(self, mux: DecodeMux, host: str, port: int):
+    def __init__(self, mux: DecodeMux, host: str, port: int, worker_id: str = ""):
         self.mux = mux
-        self.proto = FramedProtocol(worker_pb2.DecodeStreamBatch.FromString, mux.dispatch, self._lost, server=False)
+        self.proto = FramedProtocol(worker_pb2.DecodeStreamBatch.FromString, mux.dispatch, self._lost, server=False,
+                                    expect=worker_id)
         self._connected = self._scheduled = False
         self._task = asyncio.create_task(self._connect(host, port), name=f"decode stream {mux.address}")
 
@@ -209,7 +211,9 @@ class _TcpLink:
         loop = asyncio.get_running_loop()
         try:
             await asyncio.wait_for(loop.create_connection(lambda: self.proto, host, port), CONNECT_TIMEOUT_S)
-        except (OSError, asyncio.TimeoutError) as e:
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:                    # refused, unreachable, timed out, a bad host name
             return self.mux.unreachable(self, f"{host}:{port}: {e or type(e).__name__}")
         self._connected = True
         self._flush()
@@ -221,6 +225,8 @@ class _TcpLink:
 
     def _flush(self) -> None:
         self._scheduled = False
+        if self.mux._link is not self or self.proto.closed:
+            return                                # replaced or gone: what waits is the next link's
         msg = self.mux.take()
         if msg is not None:
             self.proto.send(msg)

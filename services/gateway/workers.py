@@ -107,7 +107,7 @@ class Worker:
                 await pending
         self.info = info
         port = info.decode_stream_port if self._framed else 0
-        self.decoder.tcp = (self.address.rsplit(":", 1)[0].strip("[]"), port) if port else None
+        self.decoder.tcp = (self.address.rsplit(":", 1)[0].strip("[]"), port, info.worker_id) if port else None
         st = self.state
         st.role, st.model, st.page_size = info.role, info.model, info.page_size or 16
         last = None

@@ -78,6 +78,8 @@ async def serve(wcfg: WorkerConfig, ecfg) -> None:
         from services.decode.stream_tcp import DecodeStreamServer
         stream_server = DecodeStreamServer(state)
         state.decode_stream_port = await stream_server.start(wcfg.host, wcfg.decode_stream_port)
+        if not state.decode_stream_port:
+            stream_server = None
     address = f"{wcfg.host}:{wcfg.port}"
     server, health_servicer = await start_server(
         address, worker_pb2.DESCRIPTOR.services_by_name["Worker"], worker_pb2_grpc.add_WorkerServicer_to_server,

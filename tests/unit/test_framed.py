@@ -43,7 +43,7 @@ class _Transport:
 def _server_proto():
     got, lost = [], []
     p = FramedProtocol(worker_pb2.DecodeStreamRequest.FromString, got.append, lost.append, server=True,
-                       max_frame=1 << 16)
+                       max_frame=1 << 16, identity="w1")
     t = _Transport()
     p.connection_made(t)
     return p, t, got, lost
@@ -59,7 +59,7 @@ def _msgs(n):
 def test_frames_cut_anywhere_arrive_whole_and_in_order(cut):
     p, t, got, lost = _server_proto()
     msgs = _msgs(12)
-    data = MAGIC + b"".join(_frame(m) for m in msgs)
+    data = MAGIC + b"w1\n" + b"".join(_frame(m) for m in msgs)
     for i in range(0, len(data), cut):
         p.data_received(data[i:i + cut])
     assert got == msgs and not t.aborted and not p._buf
@@ -68,8 +68,10 @@ def test_frames_cut_anywhere_arrive_whole_and_in_order(cut):
 @pytest.mark.parametrize("data, why", [
     (b"GET / HTTP/1.1\r\n\r\n", "does not speak"),
     (b"TANDEM-FRAMED/9\n", "does not speak"),
-    (MAGIC + struct.pack("<I", 1 << 20), "over the limit"),
-    (MAGIC + struct.pack("<I", 3) + b"\xff\xff\xff", "does not parse"),
+    (MAGIC + b"\n" + struct.pack("<I", 1 << 20), "over the limit"),
+    (MAGIC + b"\n" + struct.pack("<I", 3) + b"\xff\xff\xff", "does not parse"),
+    (MAGIC + b"w2\n", "expects worker 'w2'"),        # another process on a reused port
+    (MAGIC + b"x" * 300, "too long"),
 ])
 def test_a_bad_peer_is_refused(data, why, caplog):
     p, t, got, lost = _server_proto()
@@ -79,11 +81,15 @@ def test_a_bad_peer_is_refused(data, why, caplog):
 
 
 def test_the_client_sends_the_magic_first():
-    p = FramedProtocol(worker_pb2.DecodeStreamBatch.FromString, lambda m: None, lambda w: None, server=False)
+    p = FramedProtocol(worker_pb2.DecodeStreamBatch.FromString, lambda m: None, lambda w: None, server=False,
+                       expect="w1")
     t = _Transport()
     p.connection_made(t)
     p.send(worker_pb2.DecodeStreamRequest(cancel=["x"]))
-    assert bytes(t.out) == MAGIC + _frame(worker_pb2.DecodeStreamRequest(cancel=["x"]))
+    assert bytes(t.out) == MAGIC + b"w1\n" + _frame(worker_pb2.DecodeStreamRequest(cancel=["x"]))
+    s, st, got, _ = _server_proto()                  # which that server takes, as any server takes b"\n"
+    s.data_received(bytes(t.out))
+    assert got == [worker_pb2.DecodeStreamRequest(cancel=["x"])] and not st.aborted
 
 
 def test_drain_waits_while_paused():
@@ -148,7 +154,7 @@ def test_mux_over_a_real_framed_connection():
     async def go():
         server, port, conns = await _echo_worker(5)
         mux = DecodeMux(stub=None, address=f"127.0.0.1:{port}")
-        mux.tcp = ("127.0.0.1", port)
+        mux.tcp = ("127.0.0.1", port, "")
         opened = [mux.open(_req(f"r{i}")) for i in range(20)]     # one burst: one connection
         outs = await asyncio.gather(*(_drain(q) for _, q in opened))
         a, b = mux.open(_req("x")), mux.open(_req("x"))             # ids stay unique on the stream
@@ -163,11 +169,33 @@ def test_mux_over_a_real_framed_connection():
     assert asyncio.run(go()) == [list(range(5))] * 20
 
 
+def test_a_replaced_link_never_takes_the_next_ones_requests():
+    """A flush the old link had scheduled, run after the link broke and a new one took
+    over, leaves the waiting starts to the new link (they were once silently dropped)."""
+    async def go():
+        server, port, conns = await _echo_worker(2)
+        mux = DecodeMux(stub=None, address=f"127.0.0.1:{port}")
+        mux.tcp = ("127.0.0.1", port, "")
+        assert await _drain(mux.open(_req("a"))[1]) == [0, 1]
+        old = mux._link
+        old.proto.transport.abort()                    # the connection breaks ...
+        await asyncio.sleep(0.05)
+        assert mux._link is None
+        rid, q = mux.open(_req("b"))                   # ... the next request opens a new link
+        old._flush()                                   # and the old link's late flush runs
+        assert mux._starts and mux._starts[0].request_id == "b"
+        out = await asyncio.wait_for(_drain(q), 5)
+        await mux.close()
+        server.close()
+        return out
+    assert asyncio.run(go()) == [0, 1]
+
+
 def test_a_broken_framed_stream_fails_every_request_on_it():
     async def go():
         server, port, conns = await _echo_worker(0)                # never answers
         mux = DecodeMux(stub=None, address=f"127.0.0.1:{port}")
-        mux.tcp = ("127.0.0.1", port)
+        mux.tcp = ("127.0.0.1", port, "")
         qs = [mux.open(_req(f"r{i}"))[1] for i in range(3)]
         while not conns:
             await asyncio.sleep(0.01)
@@ -223,7 +251,7 @@ def test_an_unreachable_framed_port_falls_back_to_grpc(caplog):
             port = s.getsockname()[1]
         stub = _FakeStub()
         mux = DecodeMux(stub, "127.0.0.1:1")
-        mux.tcp = ("127.0.0.1", port)
+        mux.tcp = ("127.0.0.1", port, "")
         out = await asyncio.wait_for(asyncio.gather(*(_drain(mux.open(_req(f"r{i}"))[1]) for i in range(3))), 5)
         await mux.close()
         return out, stub, mux
