@@ -227,19 +227,14 @@ class _FakeStream:
 
 def framed_connection(w: FakeWorker) -> FramedProtocol:
     """DecodeStream over framed TCP (services/common/framed.py), as a real worker serves it."""
-    holder = {}
-
     async def send(batch):
         proto.send(batch)
         await proto.drain()
 
-    def lost(why):
-        holder["task"].cancel()
-
     s = _FakeStream(w, send)
-    proto = FramedProtocol(worker_pb2.DecodeStreamRequest.FromString, s.on_message, lost, server=True,
-                           identity=w.worker_id)
-    holder["task"] = asyncio.get_running_loop().create_task(s.run())
+    task = asyncio.get_running_loop().create_task(s.run())
+    proto = FramedProtocol(worker_pb2.DecodeStreamRequest.FromString, s.on_message, lambda why: task.cancel(),
+                           server=True, identity=w.worker_id)
     return proto
 
 

@@ -36,15 +36,14 @@ _KEEPALIVE = (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
 
 class FramedProtocol(asyncio.Protocol):
     """One connection. parse(bytes) -> message; on_message(message) for each frame
-    in order; on_eof() when the peer ends its side (this side may still send; without
-    on_eof the connection closes); on_lost(reason or None) once, when it is gone.
+    in order; on_lost(reason or None) once, when it is gone (the peer ending its side
+    closes the connection).
     A client sends `expect` after MAGIC; a server refuses a peer whose expected id is
     neither empty nor `identity`."""
 
     def __init__(self, parse: Callable, on_message: Callable, on_lost: Callable[[str | None], None],
-                 on_eof: Callable[[], None] | None = None, *, server: bool, max_frame: int = MAX_MESSAGE_BYTES,
-                 identity: str = "", expect: str = ""):
-        self.parse, self.on_message, self.on_lost, self.on_eof = parse, on_message, on_lost, on_eof
+                 *, server: bool, max_frame: int = MAX_MESSAGE_BYTES, identity: str = "", expect: str = ""):
+        self.parse, self.on_message, self.on_lost = parse, on_message, on_lost
         self.max_frame = max_frame
         self.identity, self.expect = identity, expect
         self.transport: asyncio.Transport | None = None
@@ -72,7 +71,7 @@ class FramedProtocol(asyncio.Protocol):
         buf += data
         pos = 0
         if self._need_magic:
-            if not (buf.startswith(MAGIC) or MAGIC.startswith(bytes(buf[:len(MAGIC)]))):
+            if not MAGIC.startswith(bytes(buf[:len(MAGIC)])):
                 return self.abort("the peer does not speak the framed protocol")
             end = buf.find(b"\n", len(MAGIC))
             if end < 0:
@@ -103,12 +102,6 @@ class FramedProtocol(asyncio.Protocol):
             view.release()
         if pos:
             del buf[:pos]
-
-    def eof_received(self) -> bool:
-        if self.on_eof is not None:
-            self.on_eof()
-            return True                           # keep our side open: answers may still go out
-        return False
 
     def connection_lost(self, exc) -> None:
         if self.closed and self._why is None and exc is None:

@@ -40,7 +40,7 @@ class _Request:
 class DecodeStream:
     """One stream's requests, whatever carries it: `send(batch)` is awaited for each
     batch out (gRPC's context.write, or a framed connection's send + drain), and
-    the caller's messages come in through on_message() and end with end_input()."""
+    the caller's messages come in through on_message() (or read(), an async iterator of them)."""
 
     def __init__(self, w: WorkerState, send: Callable[[worker_pb2.DecodeStreamBatch], Awaitable[None]],
                  trace: tuple = ()):
@@ -86,17 +86,13 @@ class DecodeStream:
         for rid in msg.cancel:
             self._cancel(rid)
 
-    def end_input(self) -> None:
-        """The caller sends no more: the stream ends once its requests are done."""
-        self.eof = True
-        self.wake.set()
-
     async def read(self, requests) -> None:
         try:
             async for msg in requests:
                 self.on_message(msg)
-        finally:
-            self.end_input()
+        finally:                          # the caller sends no more: the stream ends once its requests do
+            self.eof = True
+            self.wake.set()
 
     def _fail(self, rid: str, code: grpc.StatusCode, message: str) -> None:
         self.live.pop(rid, None)

@@ -25,15 +25,12 @@ log = logging.getLogger(__name__)
 
 class _Connection:
     def __init__(self, w: WorkerState, live: set):
-        self.proto = FramedProtocol(worker_pb2.DecodeStreamRequest.FromString, self._on_message, self._on_lost,
-                                    server=True, identity=w.worker_id)
         self.stream = DecodeStream(w, self._send)
+        self.proto = FramedProtocol(worker_pb2.DecodeStreamRequest.FromString, self.stream.on_message,
+                                    self._on_lost, server=True, identity=w.worker_id)
         self.task = asyncio.get_running_loop().create_task(self._run())
         live.add(self.task)
         self.task.add_done_callback(live.discard)
-
-    def _on_message(self, msg) -> None:
-        self.stream.on_message(msg)
 
     def _on_lost(self, why: str | None) -> None:
         if why:

@@ -200,22 +200,20 @@ class Engine:
         out = step.result()                             # None: no chunk of the step samples
         tokens, lps, tops = (out.token_ids, out.logprobs, out.top_logprobs) if out is not None else ((), None, None)
         finished = Status.FINISHED
-        sampled = []                                    # (request, index in output_ids, token, row)
+        known, row = [], -1                             # (request, index in output_ids, sample row)
         for req, start, n, sample in step.batch.chunks:
             if sample:
-                row = len(sampled)
+                row += 1
                 if req.status is not finished:          # else it ended a step earlier: drop the extra token
                     idx = start + n - len(req.prompt_ids)
                     req.output_ids[idx] = tokens[row]
-                    sampled.append((req, idx, tokens[row], row))
-                else:
-                    sampled.append(None)
+                    known.append((req, idx, row))
         for req, start, n, sample in step.batch.chunks:
             if n > 1 and req.status is Status.RUNNING:
                 self.kv.cache_prefix(req)
         emit = self._emit
-        return [emit(req, idx, tok, lps[row] if lps else None, tops[row] if tops else None)
-                for req, idx, tok, row in filter(None, sampled)]
+        return [emit(req, idx, tokens[row], lps[row] if lps else None, tops[row] if tops else None)
+                for req, idx, row in known]
 
     def _emit(self, req: Request, idx: int, tok: int, lp: float | None, top) -> StepOutput:
         """Output token idx (already in output_ids) is known: record it, finish the request

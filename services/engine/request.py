@@ -47,7 +47,7 @@ class Request:
     page_table_synced: int = 0
     # Greedy, without penalties, logprobs or a min_new_tokens ban: a batch of only these
     # samples by argmax with nothing to build (SamplingBatch.plain_greedy).
-    plain_greedy: bool = False
+    plain_greedy: bool = field(init=False, default=False)
 
     def __post_init__(self):
         p = self.params

@@ -86,10 +86,6 @@ class DecodeMux:
         self._link: _GrpcLink | _TcpLink | None = None
         self._suffix = itertools.count(1)
 
-    @property
-    def transport(self) -> str:
-        return "tcp" if self.tcp else "grpc"
-
     def open(self, request: worker_pb2.DecodeRequest) -> tuple[str, Inbox]:
         """Send request; (its id on the stream, the inbox its DecodeUpdates arrive in)."""
         rid = request.request_id
