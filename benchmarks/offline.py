@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import roofline  # noqa: E402
 from services.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
+from services.common.heap import freeze_startup_heap  # noqa: E402
 from services.engine.engine import Engine  # noqa: E402
 from services.engine.sampling_params import SamplingParams  # noqa: E402
 
@@ -191,12 +192,19 @@ def transformers_batch1_gpu(source, input_len: int, out_len: int, vocab: int, se
 
 
 def batch1_decode(engine: Engine, input_len: int, out_len: int, vocab: int, seed: int, wbytes: int,
-                  hw: dict | None) -> dict:
-    r = run_engine(engine, make_prompts(1, input_len, vocab, seed + 7), out_len, False)
+                  hw: dict | None, profile: bool = False) -> dict:
+    """ms per token of one request decoding alone; with profile, a second run of it under
+    the torch profiler gives the kernels of its steps (the first run's figure stays clean)."""
+    prompt = make_prompts(1, input_len, vocab, seed + 7)
+    r = run_engine(engine, prompt, out_len, False)
     out = {"batch1_input_len": input_len, "batch1_output_len": out_len, "batch1_ms_per_token": r["tpot_ms_median"]}
     if hw:
         floor = wbytes / (hw["bandwidth_GBs"] * 1e9) * 1e3
         out.update(batch1_roofline_ms=floor, batch1_roofline_pct=100 * floor / r["tpot_ms_median"])
+    if profile:
+        _reset_cache(engine)
+        p = run_engine(engine, prompt, out_len, False, profile_steps=min(64, out_len // 2))
+        out.update({f"batch1_{k}": p[k] for k in ("profiled_steps", "gpu_idle_share", "top_kernels") if k in p})
     return out
 
 
@@ -298,6 +306,8 @@ def main() -> None:
     ap.add_argument("--mem-fraction-static", type=float, default=CacheConfig.mem_fraction_static)
     ap.add_argument("--disable-cuda-graph", action="store_true")
     ap.add_argument("--cuda-graph-max-bs", type=int, default=EngineConfig.cuda_graph_max_bs)
+    ap.add_argument("--piecewise-cuda-graph-max-tokens", type=int,
+                    default=EngineConfig.piecewise_cuda_graph_max_tokens, help="0: prefill and mixed steps eager")
     ap.add_argument("--disable-overlap", action="store_true",
                     help="CUDA: read each step's ids back before scheduling the next")
     ap.add_argument("--batch1-tokens", type=int, default=0,
@@ -332,6 +342,7 @@ def main() -> None:
     cfg = EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
                        attention_backend=args.attention_backend, disable_cuda_graph=args.disable_cuda_graph,
                        cuda_graph_max_bs=args.cuda_graph_max_bs, disable_overlap=args.disable_overlap,
+                       piecewise_cuda_graph_max_tokens=args.piecewise_cuda_graph_max_tokens,
                        cache=CacheConfig(page_size=args.page_size, max_total_tokens=args.max_total_tokens,
                                          mem_fraction_static=args.mem_fraction_static),
                        scheduler=SchedulerConfig(max_running_requests=args.max_running_requests,
@@ -362,9 +373,10 @@ def main() -> None:
     if args.warmup:
         run_engine(engine, make_prompts(args.warmup, args.input_len, vocab, args.seed + 1), 8, False)
         _reset_cache(engine)
+    freeze_startup_heap()                       # as a worker does once it has started (services/common/heap.py)
     if args.batch1_tokens:
         result.update(batch1_decode(engine, args.batch1_input_len, args.batch1_tokens, vocab, args.seed,
-                                    wbytes, hw))
+                                    wbytes, hw, args.profile_idle and cuda))
         if "baseline_ms_per_token" in result:
             result["batch1_speedup_vs_transformers"] = result["baseline_ms_per_token"] / result["batch1_ms_per_token"]
         _report_batch1(result)

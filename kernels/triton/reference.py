@@ -96,8 +96,9 @@ def rope_cos_sin_cache(head_dim: int, max_pos: int, theta: float, scaling: dict[
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)
 
 
-def apply_rope_(q, k, positions, cos_sin_cache) -> None:
-    """Rotate q [T, H, D] and k [T, KVH, D] in place (rotate_half style), fp32 math, one rounding."""
+def apply_rope_(q, k, positions, cos_sin_cache, kv_store=None) -> None:
+    """Rotate q [T, H, D] and k [T, KVH, D] in place (rotate_half style), fp32 math, one rounding;
+    kv_store = (v, k_cache, v_cache, slots): then store_kv of the rotated k and v."""
     half = cos_sin_cache.shape[1] // 2
     cs = cos_sin_cache[positions.long()]
     cos, sin = cs[:, None, :half], cs[:, None, half:]
@@ -105,6 +106,9 @@ def apply_rope_(q, k, positions, cos_sin_cache) -> None:
         x1, x2 = x[..., :half].float(), x[..., half:].float()
         rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
         x.copy_(rotated.to(x.dtype))
+    if kv_store is not None:
+        v, k_cache, v_cache, slots = kv_store
+        store_kv(k, v, k_cache, v_cache, slots)
 
 
 def store_kv(k, v, k_cache, v_cache, slots) -> None:

@@ -14,6 +14,7 @@ from . import gguf_weights
 from .attention.base import default_backend, get_backend
 from .config import DTYPES, EngineConfig, ModelConfig
 from .cuda_graph import DecodeGraphs
+from .piecewise_graph import PiecewiseGraphs
 from .kv_manager import KVManager
 from .kv_pool import KVPool
 from .loader import ModelSource, iter_weights, resolve_model
@@ -133,6 +134,21 @@ def activation_reserve(config: EngineConfig, cfg: ModelConfig, model: torch.nn.M
     return reserve
 
 
+def capture_graphs(config: EngineConfig, runner: ModelRunner, context_len: int, device: torch.device) -> None:
+    """Decode graphs per batch-size bucket, and the piecewise graphs of every other step
+    up to the step's token budget (piecewise_cuda_graph_max_tokens caps it; 0: none),
+    in one memory pool, the larger (piecewise) first."""
+    sc = config.scheduler.for_device(device.type)
+    pool = torch.cuda.graph_pool_handle()
+    max_tokens = min(max(sc.chunked_prefill_size, sc.max_running_requests), config.piecewise_cuda_graph_max_tokens)
+    if max_tokens > 0:
+        runner.piecewise = PiecewiseGraphs(runner.model, runner.backend, max_tokens, device)
+        runner.piecewise.capture(pool)
+    max_bs = min(sc.max_running_requests, config.cuda_graph_max_bs)
+    runner.graphs = DecodeGraphs(runner.model, runner.backend, max_bs, -(-context_len // runner.ps), device)
+    runner.graphs.capture(pool)
+
+
 def _mem_available() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -165,9 +181,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     backend.context_pages = -(-context_len // ps)
     runner = ModelRunner(model, backend, ps, device)
     if device.type == "cuda" and backend.graph_capturable and not config.disable_cuda_graph:
-        max_bs = min(config.scheduler.max_running_requests, config.cuda_graph_max_bs)
-        runner.graphs = DecodeGraphs(model, backend, max_bs, -(-context_len // ps), device)
-        runner.graphs.capture()
+        capture_graphs(config, runner, context_len, device)
     eos = tuple(sorted(set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())))
     return EngineParts(
         model_config=cfg, tokenizer=tokenizer, device=device, dtype=dtype, kv=kv,

@@ -141,6 +141,9 @@ class EngineConfig:
     attention_backend: str = "auto"   # auto | torch | cpu (C++ kernels) | triton | flashinfer
     disable_cuda_graph: bool = False  # decode batches run eagerly
     cuda_graph_max_bs: int = 512      # largest decode batch captured (capped by max_running_requests)
+    # other steps (prefill, mixed): their token-wise layers replay from graphs up to this many
+    # tokens (capped by the step's token budget; 0: eager), attention runs between them
+    piecewise_cuda_graph_max_tokens: int = 4096
     disable_overlap: bool = False     # CUDA: schedule step N+1 only after step N's ids are read back
     max_model_len: int | None = None  # context cap; default: the model's, bounded by the pool
     gguf_decode: bool = True          # CPU fp32 from a GGUF: decode matmuls read its quantized blocks

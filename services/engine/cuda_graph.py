@@ -71,11 +71,12 @@ class DecodeGraphs:
             return self.model(s["input_ids"][:bs], s["positions"][:bs])
 
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, pool=None) -> None:
+        """pool: a graph memory pool to share (the piecewise graphs'), else a new one."""
         if not self.use_graphs:
             return
         t0 = time.perf_counter()
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):

@@ -165,19 +165,21 @@ class RotaryEmbedding(nn.Module):
         self.gpu_cache: torch.Tensor | None = None     # kernels/triton's table, built on first GPU use
 
     def prepare(self, positions: torch.Tensor, like: torch.Tensor,
-                num_q_heads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Once per forward: a function that rotates x [T, heads, D] at `positions`
-        (on CUDA in place; there x's first num_q_heads heads are q, the rest k)."""
+                num_q_heads: int | None = None) -> Callable[..., torch.Tensor]:
+        """Once per forward: a function rope(x, kv_store=None) that rotates x [T, heads, D] at
+        `positions` (on CUDA in place; there x's first num_q_heads heads are q, the rest k).
+        kv_store (on CUDA only; what AttentionBackend.fused_kv_store gives): the same kernel
+        also writes the rotated k and v into the KV pool."""
         if num_q_heads is not None and fused_gpu(like):
             return self._prepare_gpu(positions, like, num_q_heads)
         if fused_cpu(like):
-            def rope(x: torch.Tensor) -> torch.Tensor:
+            def rope(x: torch.Tensor, kv_store: None = None) -> torch.Tensor:
                 cpu_kernels.rope_(x, positions, self.cos, self.sin)
                 return x
             return rope
         cos = self.cos[positions].to(like.dtype).unsqueeze(1)     # [T, 1, D]: broadcast over heads
         sin = self.sin[positions].to(like.dtype).unsqueeze(1)
-        return lambda x: torch.addcmul(x * cos, x.roll(self.half, dims=-1), sin)
+        return lambda x, kv_store=None: torch.addcmul(x * cos, x.roll(self.half, dims=-1), sin)
 
     def _prepare_gpu(self, positions: torch.Tensor, like: torch.Tensor, num_q_heads: int
                      ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -186,7 +188,7 @@ class RotaryEmbedding(nn.Module):
             head_dim, max_pos, theta, scaling = self._rope_args
             self.gpu_cache = tk.rope_cos_sin_cache(head_dim, max_pos, theta, scaling, like.device)
 
-        def rope(x: torch.Tensor) -> torch.Tensor:
-            tk.apply_rope_(x[:, :num_q_heads], x[:, num_q_heads:], positions, self.gpu_cache)
+        def rope(x: torch.Tensor, kv_store: tuple | None = None) -> torch.Tensor:
+            tk.apply_rope_(x[:, :num_q_heads], x[:, num_q_heads:], positions, self.gpu_cache, kv_store)
             return x
         return rope

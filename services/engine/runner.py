@@ -17,6 +17,7 @@ not yet read back (overlap.py): `futures.resolve` swaps them on the device.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,7 @@ class ModelRunner:
         self.page_table = PageTable(device)
         self.futures = FutureTokens(device)
         self.graphs = None          # cuda_graph.DecodeGraphs, set by the builder after capture
+        self.piecewise = None       # piecewise_graph.PiecewiseGraphs (every other step), likewise
 
     def slots(self, pages: list[int], length: int) -> torch.Tensor:
         """KV slots of positions [0, length) of a sequence with these pages (CPU tensor)."""
@@ -72,10 +74,13 @@ class ModelRunner:
     # -- paged backends: one upload, optional CUDA graph -----------------------------------------
     def _run_paged(self, chunks: tuple[Chunk, ...]) -> torch.Tensor:
         step = StepArrays.build(chunks, self.ps, self.page_table, self.backend.host_page_table)
-        B = len(chunks)
+        B, T = len(chunks), len(step.arrays["input_ids"])
         bucket = self.graphs.bucket(B) if self.graphs is not None and step.max_q_len == 1 else None
+        pieces = self.piecewise.bucket(T) if bucket is None and self.piecewise is not None else None
         if bucket is not None:
             step = step.padded(bucket)
+        elif pieces is not None:
+            step = step.padded_tokens(pieces)
         dev = self.uploader.upload(step.arrays)
         self.page_table.apply(dev["pt_index"], dev["pt_pages"])
         dev["page_table"] = self.page_table.gather(dev["rows"], step.width)
@@ -83,15 +88,16 @@ class ModelRunner:
             dev["input_ids"] = self.futures.resolve(dev["input_ids"])
         if bucket is not None:
             logits = self.graphs.replay(dev, B)
+            return logits if step.all_sample else logits[dev["sample_rows"]]
+        meta = self.backend.build_paged(step.paged_batch(dev))
+        if pieces is not None:
+            hidden = self.piecewise.run(dev, T, meta)
         else:
-            pb = step.paged_batch(dev)
-            ctx = ForwardContext(dev["out_slots"], self.backend.build_paged(pb), self.backend)
-            with forward_context(ctx):
+            with forward_context(ForwardContext(dev["out_slots"], meta, self.backend)):
                 hidden = self.model(dev["input_ids"], dev["positions"])
-            if not step.all_sample:
-                hidden = hidden[dev["sample_rows"]]
-            return self.model.compute_logits(hidden)
-        return logits if step.all_sample else logits[dev["sample_rows"]]
+        if not step.all_sample:
+            hidden = hidden[dev["sample_rows"]]
+        return self.model.compute_logits(hidden)
 
     # -- per-sequence backends (torch, cpu) --------------------------------------------------------
     def _run_seqs(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -212,6 +218,18 @@ class StepArrays:
         if host is not None:
             host = np.concatenate([host, np.full((pad, host.shape[1]), RESERVED_PAGE, np.int32)])
         return StepArrays(out, self.max_q_len, self.all_sample, bs, 0, self.width, self.has_futures, host)
+
+    def padded_tokens(self, n: int) -> "StepArrays":
+        """The token rows padded to n (piecewise graphs): the extra rows read token 0 at
+        position 0, write nowhere (slot -1) and belong to no sequence."""
+        a = self.arrays
+        pad = n - len(a["input_ids"])
+        if pad == 0:
+            return self
+        out = dict(a)
+        for k, v in (("input_ids", 0), ("positions", 0), ("out_slots", -1)):
+            out[k] = np.concatenate([a[k], np.full(pad, v, a[k].dtype)])
+        return dataclasses.replace(self, arrays=out)
 
     def paged_batch(self, dev: dict[str, torch.Tensor]) -> PagedBatch:
         host = self.arrays if self.host_table is None else {**self.arrays, "page_table": self.host_table}

@@ -15,6 +15,7 @@ import signal
 import uvicorn
 
 from services.common.grpc_utils import start_server
+from services.common.heap import freeze_startup_heap
 from tandem.v1 import tandem_pb2, tandem_pb2_grpc
 
 from .config import GatewayConfig
@@ -43,6 +44,7 @@ async def serve(cfg: GatewayConfig) -> None:
                                    lifespan="off", access_log=False, log_level="warning", proxy_headers=False,
                                    server_header=False, date_header=False,
                                    timeout_keep_alive=60, backlog=4096))
+    freeze_startup_heap()            # full collections skip what start-up created (services/common/heap.py)
     http_task = asyncio.create_task(http.serve())
     log.warning("gateway: REST on http://%s:%d%s, policy %s, %d workers", cfg.host, cfg.port,
                 f", gRPC on {cfg.host}:{cfg.grpc_port}" if cfg.grpc_port else "", cfg.policy, len(cfg.worker))

@@ -39,6 +39,7 @@ def _build_engine(ecfg, threads: int):
     """On the engine thread (see engine_loop): torch's thread count is per calling thread."""
     import torch
 
+    from services.common.heap import freeze_startup_heap
     from services.engine.engine import Engine
     from services.engine.sampling_params import SamplingParams
     if threads > 0:
@@ -49,6 +50,7 @@ def _build_engine(ecfg, threads: int):
     if engine.kv.cache is not None:
         engine.kv.cache.reset()
         engine.kv.cache.drain_events()
+    freeze_startup_heap()
     return engine
 
 

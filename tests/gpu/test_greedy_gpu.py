@@ -95,7 +95,7 @@ def llama_1b(tmp_path_factory):
 
 
 def _1b_prompts():
-    ps = prompts(5, [7, 40, 130, 300, 9, 64, 200, 17], vocab=128000)
+    ps = prompts(5, [7, 40, 130, 300, 9, 64, 200, 18], vocab=128000)     # 768 tokens: a piecewise bucket
     shared = prompts(6, [180], vocab=128000)[0]
     return ps, [shared + [11, 12], shared[:150] + [13, 14, 15, 16]]
 
@@ -107,6 +107,7 @@ def test_llama_1b_shape_bf16(llama_1b, backend):
     folder, ref = llama_1b
     ps, cached = _1b_prompts()
     eng = engine(folder, "bfloat16", backend, chunk=64)
+    assert (eng.runner.piecewise is not None) == (backend == "triton")     # mixed steps replay the layers
     check(run(eng, ps, 16), ref, ps, 16, what=f"1b {backend}", tol=BF16_TOL)
     got_cached = run(eng, cached[:1], 8)
     res = eng.generate(cached[1:], SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True))
@@ -116,13 +117,14 @@ def test_llama_1b_shape_bf16(llama_1b, backend):
 
 
 def test_llama_1b_graphs_equal_eager(llama_1b):
-    """One prefill step, then decode batches of 8 (a captured bucket) to the end: graph
-    replay and eager decode give the same ids; a batch of 5 (padded to 8) matches the
-    reference up to ties."""
+    """One prefill step of 768 tokens (a piecewise bucket), then decode batches of 8 (a
+    captured bucket) to the end: graph replay and eager forwards give the same ids; a
+    batch of 5 (padded to 8) matches the reference up to ties."""
     folder, ref = llama_1b
     ps, _ = _1b_prompts()
     graphed = engine(folder, "bfloat16", "triton", chunk=2048)
     assert graphed.runner.graphs is not None and graphed.runner.graphs.bucket(5) == 8
+    assert graphed.runner.piecewise is not None and graphed.runner.piecewise.bucket(768) == 768
     got = run(graphed, ps, 24)
     eager = engine(folder, "bfloat16", "triton", chunk=2048, graphs=False)
     assert eager.runner.graphs is None

@@ -158,6 +158,15 @@ def test_rope(layout, scaling, dtype):
         ref.apply_rope_(want[:, :h], want[:, h:h + kvh], pos, cache)
         close(got, want, dtype)
         assert torch.equal(got[:, h + kvh:], qkv[:, h + kvh:])
+        # with the fused KV store: the same rotation, and the caches store_kv would write
+        slots = torch.randperm(4096, device=DEV)[:tokens]
+        slots[::5] = -1
+        kc = torch.zeros(4096, kvh, d, device=DEV, dtype=dtype)
+        vc, kc2, vc2 = torch.zeros_like(kc), kc.clone(), kc.clone()
+        fused = qkv.clone()
+        tk.apply_rope_(fused[:, :h], fused[:, h:h + kvh], pos, cache, (fused[:, h + kvh:], kc, vc, slots))
+        tk.store_kv(got[:, h:h + kvh], got[:, h + kvh:], kc2, vc2, slots)
+        assert torch.equal(fused, got) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

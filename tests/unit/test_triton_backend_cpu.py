@@ -16,6 +16,7 @@ import torch
 from services.engine.attention.base import ATTENTION_BACKENDS, PagedBatch, default_backend, get_backend
 from services.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from services.engine.cuda_graph import DecodeGraphs, graph_buckets
+from services.engine.piecewise_graph import PiecewiseGraphs, token_buckets
 from services.engine.engine import Engine
 from services.engine.request import Request
 from services.engine.page_table import PageTable
@@ -183,6 +184,33 @@ def test_decode_padded_to_graph_buckets(tiny):
     assert greedy(eng, ps, 12) == want
     assert (4, 3) in calls or (4, 4) in calls
     assert all(bs in (1, 2, 4) and b <= bs for bs, b in calls)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_piecewise_cut_forward(tiny, family):
+    """Prefill and mixed steps through the piecewise graphs' cut forward (token rows padded
+    to a bucket, q/k/v through the static buffers, attention between the pieces on the
+    real rows), run eagerly: the same ids as the plain forward, with decode graphs too."""
+    folder, _ = tiny[family]
+    ps = prompts(5, [9, 40, 3, 70, 22, 31])
+    want = greedy(make(folder, chunk=48), ps, 12)
+    eng = make(folder, chunk=48)
+    r = eng.runner
+    r.piecewise = PiecewiseGraphs(r.model, r.backend, 48, eng.device, use_graphs=False)
+    r.graphs = DecodeGraphs(r.model, r.backend, 4, eng.context_len // 4, eng.device, use_graphs=False)
+    calls = []
+    run = r.piecewise.run
+    r.piecewise.run = lambda dev, n, meta: calls.append((dev["input_ids"].shape[0], n)) or run(dev, n, meta)
+    assert greedy(eng, ps, 12) == want
+    assert r.piecewise.buckets == [16, 32, 48]
+    assert (48, 48) in calls and any(b > n for b, n in calls), calls      # full budgets and padded steps
+    assert all(b in r.piecewise.buckets and b >= n for b, n in calls)
+
+
+def test_token_buckets():
+    assert token_buckets(2048) == [16, 32, 64, 128] + list(range(256, 2049, 256))
+    assert token_buckets(600) == [16, 32, 64, 128, 256, 512, 600]
+    assert token_buckets(8) == [8]
 
 
 def test_pool_fills_up(tiny):

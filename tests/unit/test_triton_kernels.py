@@ -229,6 +229,32 @@ def test_rope(dtype, scaling):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_with_kv_store(dtype):
+    """The rotary kernel's fused KV store: q, k rotated as apply_rope_ alone does, and the
+    caches hold what store_kv of the rotated k and of v writes (slot -1: nothing)."""
+    torch.manual_seed(0)
+    h, kvh, d = 6, 3, 32
+    qkv = torch.randn(5, h + 2 * kvh, d).to(dtype)
+    pos = torch.tensor([0, 1, 63, 200, 511])
+    slots = torch.tensor([7, -1, 0, 31, 12])
+    cache = tk.rope_cos_sin_cache(d, 512, 10000.0, None, "cpu")
+    got, want = qkv.clone(), qkv.clone()
+    kc, vc = torch.zeros(32, kvh, d, dtype=dtype), torch.zeros(32, kvh, d, dtype=dtype)
+    kc2, vc2 = kc.clone(), vc.clone()
+    tk.apply_rope_(got[:, :h], got[:, h:h + kvh], pos, cache, (got[:, h + kvh:], kc, vc, slots))
+    ref.apply_rope_(want[:, :h], want[:, h:h + kvh], pos, cache)
+    ref.store_kv(want[:, h:h + kvh], want[:, h + kvh:], kc2, vc2, slots)
+    close(got, want, dtype)
+    close(kc, kc2, dtype)
+    assert torch.equal(vc, vc2) and torch.equal(kc[31], got[3, h:h + kvh])
+    assert int((kc.abs().sum((1, 2)) > 0).sum()) == 4
+    with pytest.raises(ValueError, match="slots"):
+        tk.apply_rope_(got[:, :h], got[:, h:h + kvh], pos, cache, (got[:, h + kvh:], kc, vc, slots.int()))
+    with pytest.raises(ValueError, match="v_cache"):
+        tk.apply_rope_(got[:, :h], got[:, h:h + kvh], pos, cache, (got[:, h + kvh:], kc, vc[:, :1], slots))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_store_kv_skips_minus_one(dtype):
     torch.manual_seed(0)
     kv = torch.randn(5, 2, 3, 16).to(dtype)            # strided k, v views: [T, 2(k/v), KVH, D]

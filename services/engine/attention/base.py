@@ -13,6 +13,10 @@ Contract:
   [T, KVH, D] of the new tokens, writes k, v at `out_slots` of `layer`, and
   returns the attention output [T, H * D]. Attention is causal: token i of a
   sequence sees positions [0, start + i].
+- `fused_kv_store(layer, v, out_slots)`: a backend whose pool the rotary kernel
+  can write (triton on CUDA) returns that kernel's store arguments; the model
+  then rotates and stores in one kernel and calls forward with out_slots None
+  (stored already). The others return None.
 
 Paged backends (`paged = True`: triton, flashinfer) get `build_paged(batch)`
 instead of `build(seqs)`: the runner uploads the whole step (ids, positions,
@@ -76,9 +80,12 @@ class AttentionBackend(ABC):
     def build_paged(self, batch: PagedBatch) -> Any:
         raise NotImplementedError(f"{type(self).__name__} builds from SeqSpecs (paged = False)")
 
+    def fused_kv_store(self, layer: int, v: torch.Tensor, out_slots: torch.Tensor) -> tuple | None:
+        return None
+
     @abstractmethod
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                out_slots: torch.Tensor, meta: Any) -> torch.Tensor: ...
+                out_slots: torch.Tensor | None, meta: Any) -> torch.Tensor: ...
 
 
 ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {}

@@ -70,16 +70,25 @@ class TritonAttentionBackend(AttentionBackend):
         return TritonMeta(batch, default_num_splits(batch.num_decode, self.num_kv_heads, self.context_pages,
                                                     self.ps, self.kv_pool.device))
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                out_slots: torch.Tensor, meta: TritonMeta) -> torch.Tensor:
+    def fused_kv_store(self, layer: int, v: torch.Tensor, out_slots: torch.Tensor) -> tuple | None:
+        """The rotary kernel's KV-store arguments (on CUDA: the CPU fallback rotates apart)."""
+        if self.kv_pool.device.type != "cuda":
+            return None
+        return v, self.kv_pool.k_cache[layer], self.kv_pool.v_cache[layer], out_slots
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                out_slots: torch.Tensor | None, meta: TritonMeta, out: torch.Tensor | None = None) -> torch.Tensor:
+        """out_slots None: k and v are in the pool already (fused_kv_store). out: where to
+        write the result [T, H * D] (the piecewise graphs' static buffer)."""
         kc, vc = self.kv_pool.k_cache[layer], self.kv_pool.v_cache[layer]
-        self.ops.store_kv(k, v, kc, vc, out_slots)
+        if out_slots is not None:
+            self.ops.store_kv(k, v, kc, vc, out_slots)
         b, nd = meta.batch, meta.batch.num_decode
+        o = torch.empty_like(q) if out is None else out.view(q.shape)
         if nd == b.seq_lens.shape[0]:
-            o = self.ops.decode_attention(q, kc, vc, b.page_table, b.seq_lens, self.ps, self.scale,
-                                          num_splits=meta.num_splits)
+            self.ops.decode_attention(q, kc, vc, b.page_table, b.seq_lens, self.ps, self.scale, out=o,
+                                      num_splits=meta.num_splits)
             return o.view(q.shape[0], -1)
-        o = torch.empty_like(q)
         if nd:
             self.ops.decode_attention(q[:nd], kc, vc, b.page_table[:nd], b.seq_lens[:nd], self.ps, self.scale,
                                       out=o[:nd], num_splits=meta.num_splits)

@@ -39,11 +39,12 @@ class Attention(nn.Module):
         qk = qk.view(T, self.num_heads + self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])], 1)
-        qk = rope(qk)                                     # q and k heads in one go
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(T, self.num_kv_heads, self.head_dim)
         ctx = current()
-        o = ctx.backend.forward(self.layer_id, q, k, v, ctx.out_slots, ctx.attn_meta)
+        kv_store = ctx.backend.fused_kv_store(self.layer_id, v, ctx.out_slots)
+        qk = rope(qk, kv_store)                           # q and k heads in one go (and the KV store)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        o = ctx.backend.forward(self.layer_id, q, k, v, None if kv_store else ctx.out_slots, ctx.attn_meta)
         return self.o_proj(o)
 
 
