@@ -71,11 +71,11 @@ def host_profile(prof, top: int = 25) -> list[dict]:
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress: bool,
-               profile_steps: int = 0, profile_host: bool = False, windows: int = 1) -> dict:
+               profile_steps: int = 0, profile_host: int = 0, windows: int = 1) -> dict:
     """Every prompt at once, to the end. With profile_steps, a torch profiler records that
     many steps in `windows` windows spread over the run (window k of W starts when k/(W+1)
-    of the output tokens are out), merged into one idle share; with profile_host, cProfile
-    records as many steps as a window right after the first one (the host's own time by
+    of the output tokens are out), merged into one idle share; with profile_host = K, cProfile
+    records as many steps as a window right after window K (the host's own time by
     function)."""
     params = SamplingParams(temperature=0.0, max_new_tokens=out_len, ignore_eos=True)
     t0 = time.perf_counter()
@@ -88,7 +88,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress:
     prof, profiled, done = None, 0, []
     cprof, host_steps, host = None, 0, {}
     while engine.has_unfinished():
-        if profile_host and done and cprof is None and not host:
+        if profile_host and len(done) >= profile_host and cprof is None and not host:
             import cProfile
             cprof, t_host = cProfile.Profile(), time.perf_counter()
             cprof.enable()
@@ -319,9 +319,9 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=50, help="steps profiled, over all windows")
     ap.add_argument("--profile-windows", type=int, default=4,
                     help="profiler windows spread over the run (window k of W at k/(W+1) of the output)")
-    ap.add_argument("--profile-host", action="store_true",
-                    help="with --profile-idle: cProfile over as many steps after the profiler's, "
-                         "host functions by own time in the JSON")
+    ap.add_argument("--profile-host", type=int, nargs="?", const=1, default=0, metavar="K",
+                    help="with --profile-idle: cProfile over as many steps as a window, right after "
+                         "window K (default 1), the host's own time by function")
     ap.add_argument("--batch-sweep", default="", help="comma-separated batch sizes (JSON + plot)")
     ap.add_argument("--sweep-input-len", type=int, default=1024)
     ap.add_argument("--sweep-output-len", type=int, default=128)
