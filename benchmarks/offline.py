@@ -85,7 +85,8 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress:
     bar = _bar(total, "engine", progress)
     marks = [total * (k + 1) // (windows + 1) for k in range(windows)] if profile_steps else []
     per_window = max(1, profile_steps // max(1, windows))
-    prof, profiled, done = None, 0, []
+    prof, profiled, done, kinds = None, 0, [], []
+    run_kinds: dict[str, dict] = {}             # every step's wall time, by roofline.step_kind
     cprof, host_steps, host = None, 0, {}
     while engine.has_unfinished():
         if profile_host and len(done) >= profile_host and cprof is None and not host:
@@ -104,17 +105,22 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress:
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                       torch.profiler.ProfilerActivity.CUDA])
             prof.__enter__()
+        t_step = time.perf_counter()
         if prof is not None:
             with torch.profiler.record_function("engine_step"):
                 outs = engine.step()
+            kinds.append(roofline.step_kind(engine.last_batch))
             profiled += 1
             if profiled == per_window or not engine.has_unfinished():
                 prof.__exit__(None, None, None)
-                done.append(roofline.gpu_idle_share(prof))
-                prof, profiled = None, 0
+                done.append(roofline.gpu_idle_share(prof, kinds=kinds))
+                prof, profiled, kinds = None, 0, []
         else:
             outs = engine.step()
         now = time.perf_counter()
+        d = run_kinds.setdefault(roofline.step_kind(engine.last_batch), {"steps": 0, "wall_s": 0.0})
+        d["steps"] += 1
+        d["wall_s"] += now - t_step
         for o in outs:
             first.setdefault(o.rid, now)
             last[o.rid] = now
@@ -131,6 +137,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress:
     return {"wall_s": wall, "output_tokens": count, "output_tok_s": count / wall,
             "total_tok_s": (count + sum(map(len, prompts))) / wall,
             "ttft_ms_median": 1e3 * statistics.median(ttft), "tpot_ms_median": 1e3 * statistics.median(tpot),
+            "run_step_kinds": {k: {"steps": d["steps"], "wall_s": round(d["wall_s"], 3)} for k, d in run_kinds.items()},
             **roofline.merge_idle([d for d in done if d]), **host}
 
 
@@ -450,6 +457,11 @@ def _report_throughput(r: dict) -> None:
         msg += f"; GPU idle {100 * r['gpu_idle_share']:.1f}% over {r['profiled_steps']} steps"
         if len(r.get("window_idle_shares", [])) > 1:
             msg += " (windows: " + ", ".join(f"{100 * x:.0f}%" for x in r["window_idle_shares"]) + ")"
+    for kind, d in r.get("step_kinds", {}).items():
+        msg += (f"\n  profiled {kind} steps: {d['steps']}, {d['wall_ms'] / max(1, d['steps']):.2f} ms each, "
+                f"GPU idle {100 * d['idle_ms'] / max(d['wall_ms'], 1e-9):.0f}% of them")
+    for kind, d in r.get("run_step_kinds", {}).items():
+        msg += f"\n  whole run, {kind} steps: {d['steps']}, {d['wall_s']:.1f} s"
     for k in r.get("top_kernels", [])[:8]:
         msg += f"\n  {100 * k['share']:5.1f}% {k['ms']:9.1f} ms {k['calls']:6d}x  {k['name']}"
     if "host_profile" in r:

@@ -101,14 +101,26 @@ def decode_roofline_tok_s(wbytes: int, kv_per_token: int, batch: int, context: f
     return batch * bandwidth / (wbytes + batch * kv_per_token * context)
 
 
-def gpu_idle_share(prof, window_name: str = "engine_step") -> dict:
+def step_kind(batch) -> str:
+    """decode (one new token per sequence), prefill (none decoding), mixed, or none."""
+    if batch is None:
+        return "none"
+    ones = sum(c.n == 1 for c in batch.chunks)
+    return "decode" if ones == len(batch.chunks) else "prefill" if ones == 0 else "mixed"
+
+
+def gpu_idle_share(prof, window_name: str = "engine_step", kinds: list[str] | None = None) -> dict:
     """Share of the profiled steps' wall time (from the first step's start to the last one's
-    end, CPU clock) in which no GPU kernel or copy runs."""
-    steps, busy, by_name = [], [], {}
+    end, CPU clock) in which no GPU kernel or copy runs. With kinds (each profiled step's
+    step_kind, in order), also the wall and idle time of the steps of each kind, each step
+    being its host range (with overlap, the device runs the step before meanwhile)."""
+    steps, host_steps, busy, by_name = [], [], [], {}
     for e in prof.events():
         tr = e.time_range
         if e.name == window_name:
             steps.append((tr.start, tr.end))
+            if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+                host_steps.append((tr.start, tr.end))
         elif getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
             busy.append((tr.start, tr.end))
             t = by_name.setdefault(e.name[:120], [0.0, 0])
@@ -117,22 +129,54 @@ def gpu_idle_share(prof, window_name: str = "engine_step") -> dict:
     if not steps:
         return {}
     lo, hi = min(s for s, _ in steps), max(e for _, e in steps)
-    covered, cur_s, cur_e = 0.0, None, None
+    merged: list[list[float]] = []
     for s, e in sorted((max(s, lo), min(e, hi)) for s, e in busy if e > lo and s < hi):
-        if cur_e is None or s > cur_e:
-            covered += 0 if cur_e is None else cur_e - cur_s
-            cur_s, cur_e = s, e
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
         else:
-            cur_e = max(cur_e, e)
-    covered += 0 if cur_e is None else cur_e - cur_s
+            merged.append([s, e])
+    covered = sum(e - s for s, e in merged)
     wall = hi - lo
+    per_kind = {}
+    if kinds and len(kinds) == len(host_steps):
+        per_kind = {"step_kinds": _idle_by_kind(sorted(host_steps), kinds, merged)}
     kernel_ms = sum(t for t, _ in by_name.values())
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]
     return {"profiled_steps": len(steps), "profiled_wall_ms": wall / 1e3,
             "gpu_busy_ms": covered / 1e3, "gpu_idle_share": 1 - covered / wall if wall else 0.0,
             "kernel_ms": kernel_ms / 1e3,
             "top_kernels": [{"name": n, "ms": round(t / 1e3, 3), "calls": c,
-                             "share": round(t / kernel_ms, 4) if kernel_ms else 0.0} for n, (t, c) in top]}
+                             "share": round(t / kernel_ms, 4) if kernel_ms else 0.0} for n, (t, c) in top],
+            **per_kind}
+
+
+def _idle_by_kind(steps: list[tuple[float, float]], kinds: list[str], merged: list[list[float]]) -> dict:
+    """{kind: {steps, wall_ms, idle_ms}} of host step ranges against merged busy intervals."""
+    out: dict[str, dict] = {}
+    j = 0
+    for (s, e), kind in zip(steps, kinds):
+        while j < len(merged) and merged[j][1] <= s:
+            j += 1
+        busy, k = 0.0, j
+        while k < len(merged) and merged[k][0] < e:
+            busy += min(e, merged[k][1]) - max(s, merged[k][0])
+            k += 1
+        d = out.setdefault(kind, {"steps": 0, "wall_ms": 0.0, "idle_ms": 0.0})
+        d["steps"] += 1
+        d["wall_ms"] += (e - s) / 1e3
+        d["idle_ms"] += (e - s - busy) / 1e3
+    return out
+
+
+def merge_kinds(parts: list[dict]) -> dict:
+    """Per-kind step figures of several windows (or runs), summed."""
+    out: dict[str, dict] = {}
+    for part in parts:
+        for kind, d in part.items():
+            t = out.setdefault(kind, {k: 0 for k in d})
+            for k, v in d.items():
+                t[k] = round(t.get(k, 0) + v, 3)
+    return out
 
 
 def merge_idle(windows: list[dict]) -> dict:
@@ -155,6 +199,8 @@ def merge_idle(windows: list[dict]) -> dict:
             "kernel_ms": kernel_ms,
             "gpu_busy_ms": busy, "gpu_idle_share": 1 - busy / wall if wall else 0.0,
             "window_idle_shares": [round(w["gpu_idle_share"], 4) for w in windows],
+            **({"step_kinds": merge_kinds([w["step_kinds"] for w in windows if "step_kinds" in w])}
+               if any("step_kinds" in w for w in windows) else {}),
             "top_kernels": [{"name": n, "ms": round(t, 3), "calls": c,
                              "share": round(t / kernel_ms, 4) if kernel_ms else 0.0} for n, (t, c) in top]}
 

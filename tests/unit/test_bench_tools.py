@@ -276,6 +276,10 @@ def test_gpu_idle_share_and_top_kernels():
     r = roofline.gpu_idle_share(NS(events=lambda: events))
     assert r["profiled_steps"] == 2 and r["gpu_busy_ms"] == 0.04 and abs(r["gpu_idle_share"] - 0.6) < 1e-9
     assert [(k["name"], k["calls"], k["share"]) for k in r["top_kernels"]] == [("gemm", 2, 0.8), ("attn", 1, 0.2)]
+    by_kind = roofline.gpu_idle_share(NS(events=lambda: events), kinds=["mixed", "decode"])["step_kinds"]
+    assert by_kind == {"mixed": {"steps": 1, "wall_ms": 0.05, "idle_ms": 0.02},
+                       "decode": {"steps": 1, "wall_ms": 0.05, "idle_ms": 0.04}}
+    assert roofline.merge_kinds([by_kind, by_kind])["decode"] == {"steps": 2, "wall_ms": 0.1, "idle_ms": 0.08}
 
 
 def test_merge_idle_of_several_windows():
