@@ -35,6 +35,19 @@ def chain(*pages: int) -> list[int]:
 
 # ---- GlobalIndex: units ----
 
+def test_hash_pages_values_are_pinned():
+    """Workers and gateways of different versions must agree: the values are fixed, and
+    the packed path equals page_hash page after page; bad ids raise ValueError."""
+    from services.common.page_hash import page_hash
+    ids = list(range(32))
+    assert hash_pages(ids, 16) == [11097673317877869541, 15193378338462289416]
+    assert hash_pages(ids + [7, 8, 9], 16) == hash_pages(ids, 16)        # a partial tail page is ignored
+    assert hash_pages(ids[16:], 16, page_hash(None, ids[:16])) == hash_pages(ids, 16)[1:]
+    for bad in (-1, 2**32):
+        with pytest.raises(ValueError, match="2\\*\\*32"):
+            hash_pages([bad] * 16, 16)
+
+
 def test_match_counts_leading_pages_of_hash_pages_chains():
     idx = GlobalIndex()
     a, b = chain(1, 2, 3), chain(1, 2, 4, 5)
