@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import struct
-import sys
-from array import array
 from collections.abc import Sequence
 
 _ROOT = b"\x00"        # no parent: the page starts the sequence
@@ -41,33 +39,22 @@ def hash_pages(token_ids: Sequence[int], page_size: int,
 
     `parent` is the hash of the page before token_ids[0] (None at the start of
     a sequence), so hashes can be extended page by page. The same values as
-    page_hash page after page; the ids are packed once (a 2048-token chunk:
-    160 us against 240 us page by page).
+    page_hash page after page, with the ids packed once for the whole run of
+    pages (2048 ids in pages of 16, 2-core Zen 3: 115-131 us against 173-218 us page
+    by page, two runs of timeit each).
     """
     if page_size < 1:
         raise ValueError(f"page_size must be >= 1, got {page_size}")
     n = len(token_ids) - len(token_ids) % page_size
     try:
-        ids = array("I", token_ids[:n])
-    except (OverflowError, TypeError) as e:
+        buf = struct.pack(f"<{n}I", *token_ids[:n])
+    except struct.error as e:
         raise ValueError(f"token ids must be in [0, 2**32): {e}") from None
-    if ids.itemsize != 4:                       # not so on any platform we know; stay exact anyway
-        return _hash_pages_slow(token_ids[:n], page_size, parent)
-    if sys.byteorder == "big":
-        ids.byteswap()
-    buf, step = ids.tobytes(), 4 * page_size
+    step = 4 * page_size
     hashes = []
     for off in range(0, len(buf), step):
         h = hashlib.blake2b(_ROOT if parent is None else _CHILD + parent.to_bytes(8, "little"), digest_size=8)
         h.update(buf[off:off + step])
         parent = int.from_bytes(h.digest(), "little")
-        hashes.append(parent)
-    return hashes
-
-
-def _hash_pages_slow(token_ids: Sequence[int], page_size: int, parent: int | None) -> list[int]:
-    hashes = []
-    for start in range(0, len(token_ids) - page_size + 1, page_size):
-        parent = page_hash(parent, token_ids[start:start + page_size])
         hashes.append(parent)
     return hashes
