@@ -109,18 +109,20 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress:
         if prof is not None:
             with torch.profiler.record_function("engine_step"):
                 outs = engine.step()
-            kinds.append(roofline.step_kind(engine.last_batch))
+        else:
+            outs = engine.step()
+        now = time.perf_counter()
+        kind = roofline.step_kind(engine.last_batch)
+        d = run_kinds.setdefault(kind, {"steps": 0, "wall_s": 0.0})
+        d["steps"] += 1
+        d["wall_s"] += now - t_step
+        if prof is not None:
+            kinds.append(kind)
             profiled += 1
             if profiled == per_window or not engine.has_unfinished():
                 prof.__exit__(None, None, None)
                 done.append(roofline.gpu_idle_share(prof, kinds=kinds))
                 prof, profiled, kinds = None, 0, []
-        else:
-            outs = engine.step()
-        now = time.perf_counter()
-        d = run_kinds.setdefault(roofline.step_kind(engine.last_batch), {"steps": 0, "wall_s": 0.0})
-        d["steps"] += 1
-        d["wall_s"] += now - t_step
         for o in outs:
             first.setdefault(o.rid, now)
             last[o.rid] = now

@@ -2,8 +2,9 @@
 one token per program, all heads of q and k; fp32 math, one rounding per element.
 Optionally the same program also writes the rotated k and v into the paged KV caches
 (what store_kv does): one kernel a layer fewer, and at batch 1 a layer's small
-kernels are what keeps decode off the HBM roofline. The cos/sin table is built in torch (reference.rope_cos_sin_cache, which applies
-Llama-3.1 'llama3' scaling through services/engine/layers.rope_inv_freq)."""
+kernels are what keeps decode off the HBM roofline. The cos/sin table is built in
+torch (reference.rope_cos_sin_cache, which applies Llama-3.1 'llama3' scaling through
+services/engine/layers.rope_inv_freq)."""
 from __future__ import annotations
 
 import torch
