@@ -37,6 +37,7 @@ from benchmarks import roofline  # noqa: E402
 from services.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from services.common.heap import freeze_startup_heap  # noqa: E402
 from services.engine.engine import Engine  # noqa: E402
+from services.engine import layers  # noqa: E402
 from services.engine.sampling_params import SamplingParams  # noqa: E402
 
 
@@ -317,6 +318,8 @@ def main() -> None:
     ap.add_argument("--cuda-graph-max-bs", type=int, default=EngineConfig.cuda_graph_max_bs)
     ap.add_argument("--piecewise-cuda-graph-max-tokens", type=int,
                     default=EngineConfig.piecewise_cuda_graph_max_tokens, help="0: prefill and mixed steps eager")
+    ap.add_argument("--no-gemv", action="store_true",
+                    help="decode matmuls of up to 8 rows on cuBLAS, not kernels/triton's gemv (an A/B)")
     ap.add_argument("--disable-overlap", action="store_true",
                     help="CUDA: read each step's ids back before scheduling the next")
     ap.add_argument("--batch1-tokens", type=int, default=0,
@@ -356,7 +359,10 @@ def main() -> None:
                                          mem_fraction_static=args.mem_fraction_static),
                        scheduler=SchedulerConfig(max_running_requests=args.max_running_requests,
                                                  chunked_prefill_size=args.chunked_prefill_size))
-    result = {"bench": "offline", "model": args.model, "load_format": args.load_format}
+    if args.no_gemv:
+        layers.GPU_GEMV_MAX_ROWS = 0
+    result = {"bench": "offline", "model": args.model, "load_format": args.load_format,
+              "gemv_max_rows": layers.GPU_GEMV_MAX_ROWS}
     hw = None
     if cuda:
         hw = {**roofline.measure_hbm(), **roofline.measure_matmul()}

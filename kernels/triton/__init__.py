@@ -1,10 +1,10 @@
 """Triton GPU kernels: paged attention (decode, extend), fused add+RMSNorm, rotary, KV store,
-silu(gate) * up.
+silu(gate) * up, and a few-row matmul with the norm or the activation fused in front (gemv).
 
 Each public op is a thin wrapper that checks shapes, dtypes, strides and
 devices, naming the argument, then launches the kernel (decode.py, extend.py,
-rmsnorm.py, rope.py, kv_store.py, activation.py: module names differ from the ops' so that a
-submodule import never shadows an op); reference.py holds the torch reference
+rmsnorm.py, rope.py, kv_store.py, activation.py, matvec.py: module names differ from the
+ops' so that a submodule import never shadows an op); reference.py holds the torch reference
 of each, with the same signature. Everything here is CUDA-graph capturable: no host syncs, and grids
 depend only on shapes and Python ints.
 
@@ -31,6 +31,9 @@ _MODULE_OF = {
     "apply_rope_": "rope",
     "store_kv": "kv_store",
     "silu_mul": "activation",
+    "gemv": "matvec",
+    "silu_mul_gemv": "matvec",
+    "add_rmsnorm_gemv": "matvec",
 }
 
 __all__ = list(_MODULE_OF)
