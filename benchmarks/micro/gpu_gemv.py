@@ -1,24 +1,26 @@
-"""kernels/triton gemv against cuBLAS at decode batch sizes, on the matmuls of real models.
+"""kernels/triton gemv against cuBLAS at decode batch sizes, on the matmuls of real models,
+timed the way a decode step runs them: replayed from a CUDA graph.
 
-For each (model, matmul) shape and rows M in 1, 2, 4, 8: cuBLAS (F.linear) and the
-gemv over a sweep of launch configs (BLOCK_N, BLOCK_K, warps); the best config's time,
-GB/s of weight read, % of the measured HBM read bandwidth. Then the fused forms against
-what they replace: add_rmsnorm + qkv (fused_add_rmsnorm then cuBLAS) and silu_mul + down.
-Times are medians of triton.testing.do_bench (CUDA events, L2 flushed between runs).
+Each measurement captures one graph of calls over several copies of the weight
+(together > 300 MB, so nothing is served from the 50 MB L2), replays it and divides
+by the calls: no launch overhead, which dominates a 20 us kernel timed one call at a
+time. For each (model, matmul) and rows M in 1 and 4: cuBLAS (F.linear) and the gemv
+over a sweep of launch configs (BLOCK_N, BLOCK_K, warps, stages), then the fused forms
+against what they replace: add_rmsnorm + qkv and silu_mul + down.
 
-usage: python3 benchmarks/micro/gpu_gemv.py [--output results.json] [--quick]
+usage: python3 benchmarks/micro/gpu_gemv.py [--output results.json] [--models llama-3.1-8b,...]
 (default output: $OUT/gpu_gemv.json when $OUT is set)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from benchmarks.micro.gpu_kernels import hbm_bandwidth  # noqa: E402
@@ -29,11 +31,37 @@ DEV = torch.device("cuda")
 # (hidden, q+2kv, intermediate, vocab) of the three shapes issue 4 measures
 MODELS = {"llama-3.1-8b": (4096, 6144, 14336, 128256), "llama-3.2-1b": (2048, 3072, 8192, 128256),
           "qwen2.5-0.5b": (896, 1152, 4864, 151936)}
-CONFIGS = [(bn, bk, w) for bn in (4, 8, 16, 32) for bk in (128, 256, 512) for w in (4, 8)]
+CONFIGS = [(bn, bk, w, s) for bn in (1, 2, 4, 8) for bk in (512, 1024, 2048) for w in (4, 8) for s in (2, 3)
+           if bn * bk // (32 * w) <= 128]
+FUSED_CONFIGS = [(bn, 1024, 4, 2) for bn in (2, 4, 8, 16)]
 
 
-def bench_ms(fn, rep=40) -> float:
-    return do_bench(fn, warmup=10, rep=rep, return_mode="median")
+def graph_us(fn, weights) -> float:
+    """Microseconds per call of fn(w) for w in weights, replayed from one CUDA graph."""
+    for w in weights[:1]:
+        fn(w)                                        # compile and warm up outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(g, stream=s):
+            for w in weights:
+                fn(w)
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    reps = 10
+    start.record()
+    for _ in range(reps):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * len(weights))
+
+
+def copies(n: int, k: int, total_bytes: float = 3e8) -> list[torch.Tensor]:
+    count = max(2, min(32, math.ceil(total_bytes / (n * k * 2))))
+    return [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) / k ** 0.5 for _ in range(count)]
 
 
 def shapes(hidden, qkv, inter, vocab):
@@ -41,63 +69,67 @@ def shapes(hidden, qkv, inter, vocab):
             "down": (hidden, inter), "lm_head": (vocab, hidden)}
 
 
-def fits(m: int, cfg) -> bool:
-    bn, bk, w = cfg
-    return triton_pow2(m) * bn * bk // (32 * w) <= 128          # fp32 accumulators per thread
-
-
-def triton_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--output", default=os.path.join(os.environ["OUT"], "gpu_gemv.json") if "OUT" in os.environ
                     else None)
-    ap.add_argument("--quick", action="store_true", help="8B shapes at M 1 and 4 only")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--rows", default="1,4")
     args = ap.parse_args()
     bw = hbm_bandwidth()["read_GBps"]
     print(f"HBM read {bw:.0f} GB/s", flush=True)
-    rows_of = [1, 4] if args.quick else [1, 2, 4, 8]
-    models = {"llama-3.1-8b": MODELS["llama-3.1-8b"]} if args.quick else MODELS
     out = {"gpu": torch.cuda.get_device_name(), "read_GBps": bw, "matmuls": [], "fused": []}
-    for model, dims in models.items():
+    pct = lambda n, k, us: 100 * n * k * 2 / (us * 1e-6) / (bw * 1e9)   # noqa: E731
+    best_of: dict[tuple, tuple] = {}
+    for model in args.models.split(","):
+        dims = MODELS[model]
         for name, (n, k) in shapes(*dims).items():
-            w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16) / k ** 0.5
-            gb = n * k * 2 / 1e9
-            for m in rows_of:
+            ws = copies(n, k)
+            for m in map(int, args.rows.split(",")):
                 x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-                torch.testing.assert_close(tk.gemv(x, w).float(), ref.gemv(x, w).float(), atol=2e-2, rtol=2e-2)
-                cublas = bench_ms(lambda: F.linear(x, w))
-                times = {cfg: bench_ms(lambda cfg=cfg: tk.gemv(x, w, config=cfg), rep=20)
-                         for cfg in CONFIGS if fits(m, cfg)}
+                torch.testing.assert_close(tk.gemv(x, ws[0]).float(), ref.gemv(x, ws[0]).float(),
+                                           atol=2e-2, rtol=2e-2)
+                cublas = graph_us(lambda w: F.linear(x, w), ws)
+                times = {cfg: graph_us(lambda w, cfg=cfg: tk.gemv(x, w, config=cfg), ws)
+                         for cfg in CONFIGS}
                 best = min(times, key=times.get)
-                tdef = bench_ms(lambda: tk.gemv(x, w))
-                row = {"model": model, "matmul": name, "N": n, "K": k, "M": m, "cublas_ms": cublas,
-                       "gemv_default_ms": tdef, "gemv_best_ms": times[best], "best_config": best,
-                       "top5": sorted(times, key=times.get)[:5],
-                       "cublas_pct_bw": 100 * gb / cublas / bw * 1e3, "gemv_pct_bw": 100 * gb / times[best] / bw * 1e3,
-                       "gemv_default_pct_bw": 100 * gb / tdef / bw * 1e3}
+                default = graph_us(lambda w: tk.gemv(x, w), ws)
+                best_of[(model, name, m)] = best
+                row = {"model": model, "matmul": name, "N": n, "K": k, "M": m, "cublas_us": cublas,
+                       "gemv_default_us": default, "gemv_best_us": times[best], "best_config": best,
+                       "top5": [(c, times[c]) for c in sorted(times, key=times.get)[:5]],
+                       "cublas_pct_bw": pct(n, k, cublas), "gemv_best_pct_bw": pct(n, k, times[best]),
+                       "gemv_default_pct_bw": pct(n, k, default)}
                 out["matmuls"].append(row)
-                print(f"{model:13s} {name:8s} M={m} N={n:6d} K={k:5d}  cuBLAS {cublas * 1e3:7.1f} us "
-                      f"({row['cublas_pct_bw']:4.1f}%)  gemv default {tdef * 1e3:7.1f} us "
-                      f"({row['gemv_default_pct_bw']:4.1f}%) best {times[best] * 1e3:7.1f} us "
-                      f"({row['gemv_pct_bw']:4.1f}%) {best}", flush=True)
+                print(f"{model:13s} {name:8s} M={m} N={n:6d} K={k:5d}  cuBLAS {cublas:7.1f} us "
+                      f"({row['cublas_pct_bw']:4.1f}%)  gemv default {default:7.1f} us "
+                      f"({row['gemv_default_pct_bw']:4.1f}%) best {times[best]:7.1f} us "
+                      f"({row['gemv_best_pct_bw']:4.1f}%) {best}  next {row['top5'][1:3]}", flush=True)
+            del ws
         hidden, qkv, inter, _ = dims
-        for m in rows_of:
+        wq, wd = copies(qkv, hidden), copies(hidden, inter)
+        for m in map(int, args.rows.split(",")):
             x, r = (torch.randn(m, hidden, device=DEV, dtype=torch.bfloat16) for _ in range(2))
             nw = torch.randn(hidden, device=DEV, dtype=torch.bfloat16)
-            wq = torch.randn(qkv, hidden, device=DEV, dtype=torch.bfloat16) / hidden ** 0.5
-            sep = bench_ms(lambda: F.linear(tk.fused_add_rmsnorm(x, r, nw, 1e-5)[0], wq))
-            fused = bench_ms(lambda: tk.add_rmsnorm_gemv(x, r, nw, 1e-5, wq))
             gu = torch.randn(m, 2 * inter, device=DEV, dtype=torch.bfloat16)
-            wd = torch.randn(hidden, inter, device=DEV, dtype=torch.bfloat16) / inter ** 0.5
-            sep2 = bench_ms(lambda: F.linear(tk.silu_mul(gu), wd))
-            fused2 = bench_ms(lambda: tk.silu_mul_gemv(gu, wd))
-            out["fused"].append({"model": model, "M": m, "norm_qkv_separate_ms": sep, "norm_qkv_fused_ms": fused,
-                                 "silu_down_separate_ms": sep2, "silu_down_fused_ms": fused2})
-            print(f"{model:13s} M={m}  add_rmsnorm+qkv {sep * 1e3:6.1f} -> {fused * 1e3:6.1f} us   "
-                  f"silu_mul+down {sep2 * 1e3:6.1f} -> {fused2 * 1e3:6.1f} us", flush=True)
+            cq, cd = best_of[(model, "qkv", m)], best_of[(model, "down", m)]
+            row = {"model": model, "M": m,
+                   "norm_qkv_cublas_us": graph_us(lambda w: F.linear(tk.fused_add_rmsnorm(x, r, nw, 1e-5)[0], w), wq),
+                   "norm_qkv_gemv_us": graph_us(lambda w: tk.gemv(tk.fused_add_rmsnorm(x, r, nw, 1e-5)[0], w,
+                                                                  config=cq), wq),
+                   "silu_down_cublas_us": graph_us(lambda w: F.linear(tk.silu_mul(gu), w), wd),
+                   "silu_down_gemv_us": graph_us(lambda w: tk.gemv(tk.silu_mul(gu), w, config=cd), wd)}
+            for cfg in FUSED_CONFIGS:
+                row[f"norm_qkv_fused_{cfg[0]}_us"] = graph_us(
+                    lambda w, cfg=cfg: tk.add_rmsnorm_gemv(x, r, nw, 1e-5, w, config=cfg), wq)
+                row[f"silu_down_fused_{cfg[0]}_us"] = graph_us(
+                    lambda w, cfg=cfg: tk.silu_mul_gemv(gu, w, config=cfg), wd)
+            row["default_fused_total_us"] = graph_us(lambda w: tk.add_rmsnorm_gemv(x, r, nw, 1e-5, w), wq) + \
+                graph_us(lambda w: tk.silu_mul_gemv(gu, w), wd)
+            out["fused"].append(row)
+            print(f"{model:13s} M={m}  " + "  ".join(f"{k.removesuffix('_us')} {v:6.1f}" for k, v in row.items()
+                                                     if k.endswith("_us")), flush=True)
+        del wq, wd
     if args.output:
         with open(args.output, "w") as f:
             json.dump(out, f, indent=1)

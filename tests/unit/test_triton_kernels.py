@@ -215,7 +215,7 @@ def test_gemv(dtype, m, n, k):
     x, w, b = torch.randn(m, k).to(dtype), (torch.randn(n, k) / k ** 0.5).to(dtype), torch.randn(n).to(dtype)
     close(tk.gemv(x, w), ref.gemv(x, w), dtype)
     close(tk.gemv(x, w, b), ref.gemv(x, w, b), dtype)
-    close(tk.gemv(x, w, b, config=(32, 64, 4)), ref.gemv(x, w, b), dtype)
+    close(tk.gemv(x, w, b, config=(32, 64, 4, 2)), ref.gemv(x, w, b), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -233,7 +233,7 @@ def test_add_rmsnorm_gemv(dtype, with_residual):
     x, res = torch.randn(3, 300).to(dtype), torch.randn(3, 300).to(dtype)
     nw, w, b = torch.randn(300).to(dtype), (torch.randn(40, 300) / 300 ** 0.5).to(dtype), torch.randn(40).to(dtype)
     res = res if with_residual else None
-    y, r = tk.add_rmsnorm_gemv(x, res, nw, 1e-6, w, b, config=(16, 128, 4))
+    y, r = tk.add_rmsnorm_gemv(x, res, nw, 1e-6, w, b, config=(16, 128, 4, 3))
     y_ref, r_ref = ref.add_rmsnorm_gemv(x, res, nw, 1e-6, w, b)
     assert torch.equal(r, r_ref)
     close(y, y_ref, dtype)
