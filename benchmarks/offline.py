@@ -319,7 +319,7 @@ def main() -> None:
     ap.add_argument("--piecewise-cuda-graph-max-tokens", type=int,
                     default=EngineConfig.piecewise_cuda_graph_max_tokens, help="0: prefill and mixed steps eager")
     ap.add_argument("--no-gemv", action="store_true",
-                    help="decode matmuls of up to 8 rows on cuBLAS, not kernels/triton's gemv (an A/B)")
+                    help="batch-1 decode matmuls on cuBLAS, not kernels/triton's gemv (an A/B)")
     ap.add_argument("--disable-overlap", action="store_true",
                     help="CUDA: read each step's ids back before scheduling the next")
     ap.add_argument("--batch1-tokens", type=int, default=0,

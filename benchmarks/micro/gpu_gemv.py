@@ -4,9 +4,9 @@ timed the way a decode step runs them: replayed from a CUDA graph.
 Each measurement captures one graph of calls over several copies of the weight
 (together > 300 MB, so nothing is served from the 50 MB L2), replays it and divides
 by the calls: no launch overhead, which dominates a 20 us kernel timed one call at a
-time. For each (model, matmul) and rows M in 1 and 4: cuBLAS (F.linear) and the gemv
-over a sweep of launch configs (BLOCK_N, BLOCK_K, warps, stages), then the fused forms
-against what they replace: add_rmsnorm + qkv and silu_mul + down.
+time. For each (model, matmul) and rows M in 1 and 4: cuBLAS (F.linear), the gemv with
+its default config, and the best of a sweep of launch configs (BLOCK_N, BLOCK_K, warps,
+stages).
 
 usage: python3 benchmarks/micro/gpu_gemv.py [--output results.json] [--models llama-3.1-8b,...]
 (default output: $OUT/gpu_gemv.json when $OUT is set)
@@ -33,7 +33,6 @@ MODELS = {"llama-3.1-8b": (4096, 6144, 14336, 128256), "llama-3.2-1b": (2048, 30
           "qwen2.5-0.5b": (896, 1152, 4864, 151936)}
 CONFIGS = [(bn, bk, w, s) for bn in (1, 2, 4, 8) for bk in (512, 1024, 2048) for w in (4, 8) for s in (2, 3)
            if bn * bk // (32 * w) <= 128]
-FUSED_CONFIGS = [(bn, 1024, 4, 2) for bn in (2, 4, 8, 16)]
 
 
 def graph_us(fn, weights) -> float:
@@ -78,9 +77,8 @@ def main() -> None:
     args = ap.parse_args()
     bw = hbm_bandwidth()["read_GBps"]
     print(f"HBM read {bw:.0f} GB/s", flush=True)
-    out = {"gpu": torch.cuda.get_device_name(), "read_GBps": bw, "matmuls": [], "fused": []}
+    out = {"gpu": torch.cuda.get_device_name(), "read_GBps": bw, "matmuls": []}
     pct = lambda n, k, us: 100 * n * k * 2 / (us * 1e-6) / (bw * 1e9)   # noqa: E731
-    best_of: dict[tuple, tuple] = {}
     for model in args.models.split(","):
         dims = MODELS[model]
         for name, (n, k) in shapes(*dims).items():
@@ -94,7 +92,6 @@ def main() -> None:
                          for cfg in CONFIGS}
                 best = min(times, key=times.get)
                 default = graph_us(lambda w: tk.gemv(x, w), ws)
-                best_of[(model, name, m)] = best
                 row = {"model": model, "matmul": name, "N": n, "K": k, "M": m, "cublas_us": cublas,
                        "gemv_default_us": default, "gemv_best_us": times[best], "best_config": best,
                        "top5": [(c, times[c]) for c in sorted(times, key=times.get)[:5]],
@@ -106,30 +103,6 @@ def main() -> None:
                       f"({row['gemv_default_pct_bw']:4.1f}%) best {times[best]:7.1f} us "
                       f"({row['gemv_best_pct_bw']:4.1f}%) {best}  next {row['top5'][1:3]}", flush=True)
             del ws
-        hidden, qkv, inter, _ = dims
-        wq, wd = copies(qkv, hidden), copies(hidden, inter)
-        for m in map(int, args.rows.split(",")):
-            x, r = (torch.randn(m, hidden, device=DEV, dtype=torch.bfloat16) for _ in range(2))
-            nw = torch.randn(hidden, device=DEV, dtype=torch.bfloat16)
-            gu = torch.randn(m, 2 * inter, device=DEV, dtype=torch.bfloat16)
-            cq, cd = best_of[(model, "qkv", m)], best_of[(model, "down", m)]
-            row = {"model": model, "M": m,
-                   "norm_qkv_cublas_us": graph_us(lambda w: F.linear(tk.fused_add_rmsnorm(x, r, nw, 1e-5)[0], w), wq),
-                   "norm_qkv_gemv_us": graph_us(lambda w: tk.gemv(tk.fused_add_rmsnorm(x, r, nw, 1e-5)[0], w,
-                                                                  config=cq), wq),
-                   "silu_down_cublas_us": graph_us(lambda w: F.linear(tk.silu_mul(gu), w), wd),
-                   "silu_down_gemv_us": graph_us(lambda w: tk.gemv(tk.silu_mul(gu), w, config=cd), wd)}
-            for cfg in FUSED_CONFIGS:
-                row[f"norm_qkv_fused_{cfg[0]}_us"] = graph_us(
-                    lambda w, cfg=cfg: tk.add_rmsnorm_gemv(x, r, nw, 1e-5, w, config=cfg), wq)
-                row[f"silu_down_fused_{cfg[0]}_us"] = graph_us(
-                    lambda w, cfg=cfg: tk.silu_mul_gemv(gu, w, config=cfg), wd)
-            row["default_fused_total_us"] = graph_us(lambda w: tk.add_rmsnorm_gemv(x, r, nw, 1e-5, w), wq) + \
-                graph_us(lambda w: tk.silu_mul_gemv(gu, w), wd)
-            out["fused"].append(row)
-            print(f"{model:13s} M={m}  " + "  ".join(f"{k.removesuffix('_us')} {v:6.1f}" for k, v in row.items()
-                                                     if k.endswith("_us")), flush=True)
-        del wq, wd
     if args.output:
         with open(args.output, "w") as f:
             json.dump(out, f, indent=1)

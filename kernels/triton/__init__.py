@@ -1,5 +1,5 @@
 """Triton GPU kernels: paged attention (decode, extend), fused add+RMSNorm, rotary, KV store,
-silu(gate) * up, and a few-row matmul with the norm or the activation fused in front (gemv).
+silu(gate) * up, and a matrix-vector product for batch-1 decode (gemv).
 
 Each public op is a thin wrapper that checks shapes, dtypes, strides and
 devices, naming the argument, then launches the kernel (decode.py, extend.py,
@@ -32,8 +32,6 @@ _MODULE_OF = {
     "store_kv": "kv_store",
     "silu_mul": "activation",
     "gemv": "matvec",
-    "silu_mul_gemv": "matvec",
-    "add_rmsnorm_gemv": "matvec",
 }
 
 __all__ = list(_MODULE_OF)

@@ -92,15 +92,6 @@ def gemv(x, w, bias=None):
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
-def silu_mul_gemv(gate_up, w):
-    return gemv(silu_mul(gate_up), w)
-
-
-def add_rmsnorm_gemv(x, residual, norm_weight, eps, w, bias=None):
-    h, r = fused_add_rmsnorm(x, residual, norm_weight, eps)
-    return gemv(h, w, bias), r
-
-
 def rope_cos_sin_cache(head_dim: int, max_pos: int, theta: float, scaling: dict[str, Any] | None,
                        device) -> torch.Tensor:
     """fp32 [max_pos, head_dim]: cos of the head_dim/2 frequencies, then their sin.

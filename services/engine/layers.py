@@ -27,9 +27,10 @@ GEMV_MAX_TOKENS = 128
 QGEMV_MAX_TOKENS = 64
 
 
-# Up to this many rows a CUDA matmul is kernels/triton's gemv, with the norm or activation before
-# it fused in (0: cuBLAS always; benchmarks/offline.py --no-gemv sets it for an A/B).
-GPU_GEMV_MAX_ROWS = 8
+# A one-row CUDA matmul (batch-1 decode) is kernels/triton's gemv: 72-100% of the HBM read
+# bandwidth where cuBLAS reaches 56-90% (benchmarks/results/gpu_h200.md). From 2 rows on cuBLAS.
+# 0: cuBLAS always (benchmarks/offline.py --no-gemv sets it for an A/B).
+GPU_GEMV_MAX_ROWS = 1
 
 
 def fused_cpu(x: torch.Tensor) -> bool:
@@ -50,17 +51,11 @@ def _gpu_ops():
     return tk
 
 
-def gpu_gemv(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """x @ w^T is a few-row CUDA matmul that kernels/triton's gemv takes."""
-    return (0 < x.shape[0] <= GPU_GEMV_MAX_ROWS and x.dim() == 2 and w.dtype == x.dtype
-            and fused_gpu(x))
-
-
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
            packed: torch.Tensor | None = None, quant: quant_kernels.QuantWeight | None = None) -> torch.Tensor:
     """F.linear; for few tokens a streaming kernel: on CUDA the Triton gemv, on CPU one on a
     packed bf16 copy of w, or on the GGUF blocks w was dequantized from."""
-    if gpu_gemv(x, w):
+    if x.dim() == 2 and x.shape[0] <= GPU_GEMV_MAX_ROWS and w.dtype == x.dtype and fused_gpu(x):
         return _gpu_ops().gemv(x, w, b)
     if packed is not None and x.shape[0] <= GEMV_MAX_TOKENS and x.dim() == 2:
         y = cpu_kernels.gemv_bf16(x.contiguous(), packed)
@@ -99,16 +94,6 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
     return norm(residual), residual
 
 
-def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, lin: "Linear"
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lin(norm(x + residual)), x + residual): add_rms_norm then the projection, one kernel for
-    a few rows on CUDA."""
-    if gpu_gemv(x, lin.weight):
-        return _gpu_ops().add_rmsnorm_gemv(x, residual, norm.weight, norm.eps, lin.weight, lin.bias)
-    h, residual = add_rms_norm(x, residual, norm)
-    return lin(h), residual
-
-
 class Linear(nn.Module):
     """y = x W^T (+ b). The one place a faster CPU/GPU matmul can be plugged in."""
 
@@ -136,12 +121,7 @@ class GatedMLP(nn.Module):
         self.inter = inter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act_down(self.gate_up_proj(x))
-
-    def act_down(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """down(silu(gate) * up) from the gate_up projection's output."""
-        if gpu_gemv(gate_up, self.down_proj.weight) and self.down_proj.bias is None:
-            return _gpu_ops().silu_mul_gemv(gate_up, self.down_proj.weight)
+        gate_up = self.gate_up_proj(x)
         if fused_cpu(gate_up):
             return self.down_proj(cpu_kernels.silu_mul(gate_up))
         if fused_gpu(gate_up) and gate_up.dim() == 2:

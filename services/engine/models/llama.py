@@ -17,7 +17,7 @@ from kernels.cpu.quant import QuantWeight
 from kernels import cpu as cpu_kernels
 
 from ..layers import (GEMV_MAX_TOKENS, GatedMLP, Linear, RMSNorm, RotaryEmbedding, add_rms_norm, linear,
-                      norm_linear, pack_for_cpu)
+                      pack_for_cpu)
 from .registry import register_model
 
 
@@ -32,9 +32,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, qkv: torch.Tensor, rope: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Attention from the qkv projection's output (the layer fuses the norm into it)."""
-        T = qkv.shape[0]
+    def forward(self, x: torch.Tensor, rope: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        T = x.shape[0]
+        qkv = self.qkv_proj(x)
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = qk.view(T, self.num_heads + self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
@@ -57,10 +57,10 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, residual, rope):
-        qkv, residual = norm_linear(x, residual, self.input_layernorm, self.self_attn.qkv_proj)
-        h = self.self_attn(qkv, rope)
-        gate_up, residual = norm_linear(h, residual, self.post_attention_layernorm, self.mlp.gate_up_proj)
-        return self.mlp.act_down(gate_up), residual
+        h, residual = add_rms_norm(x, residual, self.input_layernorm)
+        h = self.self_attn(h, rope)
+        h, residual = add_rms_norm(h, residual, self.post_attention_layernorm)
+        return self.mlp(h), residual
 
     def fused_weights(self) -> list[torch.Tensor] | None:
         """What cpu_kernels.decode_layer reads, or None if this layer cannot run fused."""
