@@ -1,12 +1,13 @@
 """Matrix-vector product for batch-1 decode: y = x @ W^T (+ b), x one row.
 
 A batch-1 decode step is bound by reading the weights from HBM. For one row
-cuBLAS picks kernels that reach 56-90% of the read bandwidth on Llama's shapes
-(split-K with a separate reduce for o_proj and down); here each program reads
-BLOCK_N whole rows of W in BLOCK_K chunks, FMAs them against x (from L2) into a
-[BLOCK_N, BLOCK_K] fp32 accumulator and reduces it once at the end: 72-100% on
-the same shapes, replayed in a CUDA graph (benchmarks/micro/gpu_gemv.py,
-benchmarks/results/gpu_h200.md).
+cuBLAS picks kernels that reach 56-87% of the read bandwidth on Llama-3.1-8B's
+matmuls (split-K with a separate reduce for o_proj and down); here each program
+reads BLOCK_N whole rows of W in BLOCK_K chunks, FMAs them against x (from L2)
+into a [BLOCK_N, BLOCK_K] fp32 accumulator and reduces it once at the end:
+72-100% on the same matmuls, replayed in a CUDA graph, and faster than cuBLAS on
+every matmul of the 1B and 0.5B shapes but the 0.5B's lm_head (5% slower)
+(benchmarks/micro/gpu_gemv.py, benchmarks/results/gpu_h200.md).
 
 More rows work (one program per row and block of W) but each row reads W again:
 at 4 rows cuBLAS's tiled kernels are twice as fast, so layers.py uses this for

@@ -28,7 +28,8 @@ QGEMV_MAX_TOKENS = 64
 
 
 # A one-row CUDA matmul (batch-1 decode) is kernels/triton's gemv: 72-100% of the HBM read
-# bandwidth where cuBLAS reaches 56-90% (benchmarks/results/gpu_h200.md). From 2 rows on cuBLAS.
+# bandwidth on the 8B's matmuls where cuBLAS reaches 56-87% (benchmarks/results/gpu_h200.md).
+# From 2 rows on, cuBLAS.
 # 0: cuBLAS always (benchmarks/offline.py --no-gemv sets it for an A/B).
 GPU_GEMV_MAX_ROWS = 1
 
