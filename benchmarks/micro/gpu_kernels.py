@@ -118,6 +118,39 @@ def bench_decode(bw: dict, quick: bool) -> list[dict]:
     return rows
 
 
+SERVING_CONFIGS = [(splits, bn, w, st) for splits in (1, 2) for bn in (32, 64, 128) for w in (4, 8)
+                   for st in (2, 3, 4)]
+
+
+def bench_decode_serving(bw: dict) -> list[dict]:
+    """The throughput run's decode steps: batch 512, contexts spread over 1024-2047 (half-way
+    through their 1,024 output tokens), page 16, over a grid of launch configs."""
+    batch, page_size = 512, 16
+    gen = torch.Generator().manual_seed(0)
+    lens = (1024 + torch.randint(0, 1024, (batch,), generator=gen)).tolist()
+    k, v, table, seq_lens = paged(lens, page_size, gen=gen)
+    q = torch.randn(batch, H, D, device=DEV, dtype=torch.bfloat16)
+    kv_bytes = int(seq_lens.sum()) * KVH * D * 2 * k.element_size()
+    want = tk.decode_attention(q, k, v, table, seq_lens, page_size, D ** -0.5)
+    rows = []
+    for splits, bn, warps, stages in SERVING_CONFIGS:
+        kw = dict(num_splits=splits, block_n=bn, num_warps=warps, num_stages=stages)
+        try:
+            got = tk.decode_attention(q, k, v, table, seq_lens, page_size, D ** -0.5, **kw)
+            err = (got.float() - want.float()).abs().max().item()
+            ms = bench_ms(lambda: tk.decode_attention(q, k, v, table, seq_lens, page_size, D ** -0.5, **kw))
+        except Exception as e:                        # e.g. out of shared memory for a config
+            print(f"serving {kw}: failed {e!r:.120}")
+            continue
+        gbps = kv_bytes / ms / 1e6
+        rows.append({"batch": batch, "contexts": "1024-2047", "page_size": page_size, "config": kw, "ms": ms,
+                     "GBps": gbps, "pct_of_read_bw": 100 * gbps / bw["read_GBps"], "max_abs_err_vs_default": err})
+        print(f"serving decode B=512 ctx 1024-2047 page 16 splits {splits} block_n {bn:3d} warps {warps} "
+              f"stages {stages}: {ms * 1e3:7.1f} us {gbps:6.0f} GB/s {rows[-1]['pct_of_read_bw']:5.1f}%  "
+              f"diff {err:.3g}", flush=True)
+    return rows
+
+
 def bench_others() -> list[dict]:
     rows = []
 
@@ -174,6 +207,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", help="JSON path (default: $OUT/gpu_kernels.json when $OUT is set)")
     ap.add_argument("--quick", action="store_true", help="three decode configs only")
+    ap.add_argument("--serving", action="store_true",
+                    help="only decode attention at the throughput run's batch 512 over a grid of configs")
     args = ap.parse_args()
     name = torch.cuda.get_device_name(DEV)
     print(f"GPU: {name}  ({torch.cuda.get_device_properties(DEV).multi_processor_count} SMs), "
@@ -181,6 +216,16 @@ def main() -> None:
     bw = hbm_bandwidth()
     print(f"HBM read {bw['read_GBps']:.0f} GB/s ({bw['read_method']}); "
           f"copy {bw['copy_GBps']:.0f} GB/s ({bw['copy_method']})")
+    if args.serving:
+        rows = bench_decode_serving(bw)
+        best = max(rows, key=lambda r: r["GBps"])
+        print(f"best: {best['config']} {best['GBps']:.0f} GB/s = {best['pct_of_read_bw']:.1f}%")
+        out = args.output or (os.path.join(os.environ["OUT"], "gpu_decode_serving.json") if os.environ.get("OUT")
+                              else None)
+        if out:
+            with open(out, "w") as f:
+                json.dump({"gpu": name, "hbm": bw, "decode_serving": rows}, f, indent=1)
+        return
     decode = bench_decode(bw, args.quick)
     ok = [r for r in decode if "ms" in r]
     best = {ps: max((r for r in ok if r["page_size"] == ps), key=lambda r: r["GBps"]) for ps in (16, 64)}
