@@ -77,7 +77,9 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress:
     many steps in `windows` windows spread over the run (window k of W starts when k/(W+1)
     of the output tokens are out), merged into one idle share; with profile_host = K, cProfile
     records as many steps as a window right after window K (the host's own time by
-    function)."""
+    function). The profilers' own bookkeeping between steps (starting one, reading its trace
+    back: ~1 s a window) is timed apart, `profiler_s`, and left out of the throughput
+    figures; `wall_s` keeps it."""
     params = SamplingParams(temperature=0.0, max_new_tokens=out_len, ignore_eos=True)
     t0 = time.perf_counter()
     rids = [engine.add_request(p, params) for p in prompts]
@@ -89,6 +91,15 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress:
     prof, profiled, done, kinds = None, 0, [], []
     run_kinds: dict[str, dict] = {}             # every step's wall time, by roofline.step_kind
     cprof, host_steps, host = None, 0, {}
+    profiler_s = 0.0                             # the profilers' bookkeeping, not the engine's work
+    cuda = torch.cuda.is_available()
+
+    def settle() -> float:
+        """Wait for the steps in flight (their time is the run's), then start the clock."""
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     while engine.has_unfinished():
         if profile_host and len(done) >= profile_host and cprof is None and not host:
             import cProfile
@@ -98,14 +109,18 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress:
             host_steps += 1
             if host_steps > per_window or not engine.has_unfinished():
                 cprof.disable()
+                t_book = time.perf_counter()
                 host = {"host_profile_steps": host_steps - 1,
-                        "host_profile_wall_ms": round(1e3 * (time.perf_counter() - t_host), 1),
+                        "host_profile_wall_ms": round(1e3 * (t_book - t_host), 1),
                         "host_profile": host_profile(cprof)}
                 cprof = None
+                profiler_s += time.perf_counter() - t_book
         if prof is None and cprof is None and len(done) < len(marks) and count >= marks[len(done)]:
+            t_book = settle()
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                       torch.profiler.ProfilerActivity.CUDA])
             prof.__enter__()
+            profiler_s += time.perf_counter() - t_book
         t_step = time.perf_counter()
         if prof is not None:
             with torch.profiler.record_function("engine_step"):
@@ -121,9 +136,11 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress:
             kinds.append(kind)
             profiled += 1
             if profiled == per_window or not engine.has_unfinished():
+                t_book = settle()
                 prof.__exit__(None, None, None)
                 done.append(roofline.gpu_idle_share(prof, kinds=kinds))
                 prof, profiled, kinds = None, 0, []
+                profiler_s += time.perf_counter() - t_book
         for o in outs:
             first.setdefault(o.rid, now)
             last[o.rid] = now
@@ -137,8 +154,9 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress:
     wall = time.perf_counter() - t0
     ttft = [first[r] - t0 for r in rids]
     tpot = [(last[r] - first[r]) / (out_len - 1) for r in rids] if out_len > 1 else [0.0]
-    return {"wall_s": wall, "output_tokens": count, "output_tok_s": count / wall,
-            "total_tok_s": (count + sum(map(len, prompts))) / wall,
+    work = wall - profiler_s
+    return {"wall_s": wall, "profiler_s": profiler_s, "output_tokens": count, "output_tok_s": count / work,
+            "total_tok_s": (count + sum(map(len, prompts))) / work,
             "ttft_ms_median": 1e3 * statistics.median(ttft), "tpot_ms_median": 1e3 * statistics.median(tpot),
             "run_step_kinds": {k: {"steps": d["steps"], "wall_s": round(d["wall_s"], 3)} for k, d in run_kinds.items()},
             **roofline.merge_idle([d for d in done if d]), **host}
@@ -456,7 +474,8 @@ def _report_batch1(r: dict) -> None:
 
 
 def _report_throughput(r: dict) -> None:
-    msg = f"throughput: {r['output_tok_s']:.0f} output tok/s ({r['wall_s']:.1f} s)"
+    msg = f"throughput: {r['output_tok_s']:.0f} output tok/s ({r['wall_s']:.1f} s"
+    msg += f", {r['profiler_s']:.1f} s of it the profilers' bookkeeping, left out)" if r.get("profiler_s") else ")"
     if "roofline_tok_s_serial" in r:
         msg += (f"; roofline {r['roofline_tok_s_serial']:.0f} (prefill {r['roofline_prefill_s']:.1f} s + decode "
                 f"{r['roofline_decode_s']:.1f} s at batch {r['roofline_batch']}) to "
