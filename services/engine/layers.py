@@ -56,7 +56,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
            packed: torch.Tensor | None = None, quant: quant_kernels.QuantWeight | None = None) -> torch.Tensor:
     """F.linear; for few tokens a streaming kernel: on CUDA the Triton gemv, on CPU one on a
     packed bf16 copy of w, or on the GGUF blocks w was dequantized from."""
-    if x.dim() == 2 and x.shape[0] <= GPU_GEMV_MAX_ROWS and w.dtype == x.dtype and fused_gpu(x):
+    if (x.dim() == 2 and x.shape[0] <= GPU_GEMV_MAX_ROWS and w.dtype == x.dtype and x.stride(-1) == 1
+            and w.stride(-1) == 1 and fused_gpu(x)):
         return _gpu_ops().gemv(x, w, b)
     if packed is not None and x.shape[0] <= GEMV_MAX_TOKENS and x.dim() == 2:
         y = cpu_kernels.gemv_bf16(x.contiguous(), packed)
