@@ -85,6 +85,13 @@ DECODE_CONFIGS = [  # (num_splits, block_n, num_warps, num_stages); None = the w
 ]
 
 
+def time_decode(q, k, v, table, seq_lens, page_size, want, kw) -> tuple[float, float]:
+    """(ms, max abs difference from `want`) of decode_attention under launch config kw."""
+    got = tk.decode_attention(q, k, v, table, seq_lens, page_size, D ** -0.5, **kw)
+    err = (got.float() - want.float()).abs().max().item()
+    return bench_ms(lambda: tk.decode_attention(q, k, v, table, seq_lens, page_size, D ** -0.5, **kw)), err
+
+
 def bench_decode(bw: dict, quick: bool) -> list[dict]:
     batch, ctx = 64, 4096
     rows = []
@@ -98,9 +105,7 @@ def bench_decode(bw: dict, quick: bool) -> list[dict]:
         for splits, bn, warps, stages in DECODE_CONFIGS[:3] if quick else DECODE_CONFIGS:
             kw = dict(num_splits=splits, block_n=bn, num_warps=warps, num_stages=stages)
             try:
-                got = tk.decode_attention(q, k, v, table, seq_lens, page_size, D ** -0.5, **kw)
-                err = (got.float() - want.float()).abs().max().item()
-                ms = bench_ms(lambda: tk.decode_attention(q, k, v, table, seq_lens, page_size, D ** -0.5, **kw))
+                ms, err = time_decode(q, k, v, table, seq_lens, page_size, want, kw)
             except Exception as e:                        # e.g. out of shared memory for a config
                 rows.append({"page_size": page_size, "config": kw, "error": repr(e)[:200]})
                 print(f"page {page_size:3d} {kw}: failed {e!r:.120}")
@@ -136,9 +141,7 @@ def bench_decode_serving(bw: dict) -> list[dict]:
     for splits, bn, warps, stages in SERVING_CONFIGS:
         kw = dict(num_splits=splits, block_n=bn, num_warps=warps, num_stages=stages)
         try:
-            got = tk.decode_attention(q, k, v, table, seq_lens, page_size, D ** -0.5, **kw)
-            err = (got.float() - want.float()).abs().max().item()
-            ms = bench_ms(lambda: tk.decode_attention(q, k, v, table, seq_lens, page_size, D ** -0.5, **kw))
+            ms, err = time_decode(q, k, v, table, seq_lens, page_size, want, kw)
         except Exception as e:                        # e.g. out of shared memory for a config
             print(f"serving {kw}: failed {e!r:.120}")
             continue
