@@ -47,7 +47,7 @@ def _gemv_kernel(X, W, B, Y, M, N, K, stride_x, stride_w, stride_y,
     tl.store(Y + m * stride_y + rn, y.to(Y.dtype.element_ty), mask=n_ok)
 
 
-def _config(N: int, K: int) -> tuple[int, int, int, int]:
+def _config(K: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages), from the H200 sweep of gpu_gemv.py: 2 x 1024 was
     best or within 2% on every matmul of the 0.5B and 1B shapes, 4 x 2048 on the 8B's (K >= 4096)."""
     if K >= 4096:
@@ -67,7 +67,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, con
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
-    block_n, block_k, warps, stages = config or _config(N, K)
+    block_n, block_k, warps, stages = config or _config(K)
     _gemv_kernel[(triton.cdiv(N, block_n) * M,)](
         x, w, w if bias is None else bias, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
