@@ -109,7 +109,9 @@ class CacheConfig:
     mem_fraction: float = 0.85        # CPU: share of MemAvailable (capped by cpu_kv_budget_gb)
     # GPU: share of the device's total memory the engine may hold: weights, activations,
     # CUDA graphs and the KV pool, which gets what the others leave.
-    mem_fraction_static: float = 0.88
+    # The activations and graphs are measured (builder.activation_reserve); the rest (7%)
+    # is for what is not: cuBLAS workspaces, transfer buffers, fragmentation.
+    mem_fraction_static: float = 0.93
     max_total_tokens: int | None = None   # explicit pool size in tokens; wins over the fractions
     cpu_kv_budget_gb: float = 4.0     # what mem_fraction applies to on CPU
     enable_prefix_cache: bool = True
