@@ -1,0 +1,128 @@
+"""How much would two CUDA streams buy the 8B throughput run? (issue 4's 10k tok/s)
+
+A decode step of the llama-3.1-8b shape at the run's batch is memory-bound decode attention
+(the KV reads) then compute-bound GEMMs, one after the other. This times one layer's worth
+of each (over several weight copies, so no GEMM reads its weight from L2):
+
+  serial    attention(B) then the four GEMMs(B), one stream: what a decode step does now
+  halves    the same in two halves of B/2, one stream: what nano-batching costs by itself
+  streams   half A on one stream, half B on another, B's GEMMs first: A's attention can
+            run beside B's GEMMs (NanoFlow's nano-batches)
+  mixed     a mixed step: the prefill chunk's GEMMs (C tokens) and the decode batch's
+            attention, serial against on two streams
+
+Prints the ms a layer of each and the share a two-stream engine could save.
+
+    python3 benchmarks/micro/gpu_overlap.py [--batch 448] [--chunk 2048] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from kernels import triton as tk  # noqa: E402
+from benchmarks.micro.gpu_kernels import DEV, H, KVH, D, paged  # noqa: E402
+
+HIDDEN, INTER = 4096, 14336
+SHAPES = {"qkv": ((H + 2 * KVH) * D, HIDDEN), "o": (HIDDEN, H * D),
+          "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}
+COPIES = 4                                             # 4 x 436 MB of weights: none stays in L2
+
+
+def bench_ms(fn) -> float:
+    return do_bench(fn, warmup=10, rep=200, return_mode="median")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=448)
+    ap.add_argument("--chunk", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=8, help="layers a timed call runs")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    B, L = args.batch, args.layers
+    gen = torch.Generator().manual_seed(0)
+    lens = (1024 + torch.randint(0, 1024, (B,), generator=gen)).tolist()
+    k, v, table, seq_lens = paged(lens, 16, gen=gen)
+    q = torch.randn(B, H, D, device=DEV, dtype=torch.bfloat16)
+    weights = [{n: torch.randn(s, device=DEV, dtype=torch.bfloat16) * 0.02 for n, s in SHAPES.items()}
+               for _ in range(COPIES)]
+    halves = [slice(0, B // 2), slice(B // 2, B)]
+
+    def attn(rows: slice) -> torch.Tensor:
+        return tk.decode_attention(q[rows], k, v, table[rows], seq_lens[rows], 16, D ** -0.5)
+
+    def gemms(x: torch.Tensor, w: dict) -> torch.Tensor:
+        torch.matmul(x, w["qkv"].t())
+        y = torch.matmul(x, w["o"].t())
+        g = torch.matmul(y, w["gate_up"].t())
+        return torch.matmul(g[:, :INTER], w["down"].t())
+
+    xs = {n: torch.randn(n, HIDDEN, device=DEV, dtype=torch.bfloat16) for n in (B, B // 2, args.chunk)}
+    side = torch.cuda.Stream()
+
+    def serial():
+        for i in range(L):
+            attn(slice(0, B))
+            gemms(xs[B], weights[i % COPIES])
+
+    def halves_one_stream():
+        for i in range(L):
+            for h in halves:
+                attn(h)
+                gemms(xs[B // 2], weights[i % COPIES])
+
+    def two_streams():
+        main_s = torch.cuda.current_stream()
+        side.wait_stream(main_s)
+        for i in range(L):
+            attn(halves[0])
+            gemms(xs[B // 2], weights[i % COPIES])
+        with torch.cuda.stream(side):
+            for i in range(L):
+                gemms(xs[B // 2], weights[(i + 1) % COPIES])
+                attn(halves[1])
+        main_s.wait_stream(side)
+
+    def mixed_serial():
+        for i in range(L):
+            gemms(xs[args.chunk], weights[i % COPIES])
+            attn(slice(0, B))
+
+    def mixed_streams():
+        main_s = torch.cuda.current_stream()
+        side.wait_stream(main_s)
+        for i in range(L):
+            gemms(xs[args.chunk], weights[i % COPIES])
+        with torch.cuda.stream(side):
+            for i in range(L):
+                attn(slice(0, B))
+        main_s.wait_stream(side)
+
+    parts = {"attention": lambda: [attn(slice(0, B)) for _ in range(L)],
+             "gemms": lambda: [gemms(xs[B], weights[i % COPIES]) for i in range(L)],
+             "prefill_gemms": lambda: [gemms(xs[args.chunk], weights[i % COPIES]) for i in range(L)]}
+    runs = {"serial": serial, "halves": halves_one_stream, "streams": two_streams,
+            "mixed_serial": mixed_serial, "mixed_streams": mixed_streams}
+    result = {"bench": "gpu_overlap", "gpu": torch.cuda.get_device_name(), "batch": B, "chunk": args.chunk,
+              "contexts": "1024-2047", "page_size": 16, "shape": "llama-3.1-8b layer (attention + 4 GEMMs)"}
+    for name, fn in {**parts, **runs}.items():
+        result[f"{name}_ms_per_layer"] = bench_ms(fn) / L
+        print(f"{name:14s} {result[f'{name}_ms_per_layer'] * 1e3:8.1f} us a layer", flush=True)
+    for a, b in (("serial", "streams"), ("halves", "streams"), ("mixed_serial", "mixed_streams")):
+        saved = 1 - result[f"{b}_ms_per_layer"] / result[f"{a}_ms_per_layer"]
+        result[f"saved_{b}_vs_{a}"] = saved
+        print(f"{b} against {a}: {100 * saved:+.1f}% of the time saved")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
