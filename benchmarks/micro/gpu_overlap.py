@@ -11,7 +11,7 @@ of each (over several weight copies, so no GEMM reads its weight from L2):
   mixed     a mixed step: the prefill chunk's GEMMs (C tokens) and the decode batch's
             attention, serial against on two streams
 
-Prints the ms a layer of each and the share a two-stream engine could save.
+Prints the time a layer of each (us) and the share a two-stream engine could save.
 
     python3 benchmarks/micro/gpu_overlap.py [--batch 448] [--chunk 2048] [--out FILE]
 """
