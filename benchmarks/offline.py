@@ -72,10 +72,12 @@ def host_profile(prof, top: int = 25) -> list[dict]:
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress: bool,
-               profile_steps: int = 0, profile_host: int = 0, windows: int = 1) -> dict:
+               profile_steps: int = 0, profile_host: int = 0, windows: int = 1,
+               at_steps: list[int] | None = None) -> dict:
     """Every prompt at once, to the end. With profile_steps, a torch profiler records that
     many steps in `windows` windows spread over the run (window k of W starts when k/(W+1)
-    of the output tokens are out), merged into one idle share; with profile_host = K, cProfile
+    of the output tokens are out; with at_steps, at those step indices instead, in order),
+    merged into one idle share; with profile_host = K, cProfile
     records as many steps as a window right after window K (the host's own time by
     function). The profilers' own bookkeeping between steps (starting one, reading its trace
     back: ~1 s a window) is timed apart, `profiler_s`, and left out of the throughput
@@ -86,7 +88,10 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress:
     first, last, count = {}, {}, 0
     total = len(prompts) * out_len
     bar = _bar(total, "engine", progress)
+    if at_steps:
+        windows = len(at_steps)
     marks = [total * (k + 1) // (windows + 1) for k in range(windows)] if profile_steps else []
+    step_index = 0
     per_window = max(1, profile_steps // max(1, windows))
     prof, profiled, done, kinds = None, 0, [], []
     run_kinds: dict[str, dict] = {}             # every step's wall time, by roofline.step_kind
@@ -115,7 +120,9 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress:
                         "host_profile": host_profile(cprof)}
                 cprof = None
                 profiler_s += time.perf_counter() - t_book
-        if prof is None and cprof is None and len(done) < len(marks) and count >= marks[len(done)]:
+        due = len(done) < len(marks) and (step_index >= at_steps[len(done)] if at_steps
+                                          else count >= marks[len(done)])
+        if prof is None and cprof is None and due:
             t_book = settle()
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                       torch.profiler.ProfilerActivity.CUDA])
@@ -128,6 +135,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], out_len: int, progress:
         else:
             outs = engine.step()
         now = time.perf_counter()
+        step_index += 1
         kind = roofline.step_kind(engine.last_batch)
         d = run_kinds.setdefault(kind, {"steps": 0, "wall_s": 0.0})
         d["steps"] += 1
@@ -346,6 +354,10 @@ def main() -> None:
     ap.add_argument("--profile-idle", action="store_true",
                     help="torch profiler over --profile-steps steps of the throughput run, in "
                          "--profile-windows windows: GPU idle share")
+    ap.add_argument("--profile-at-steps", default="",
+                    help="comma-separated step indices where the profiler windows start, instead of "
+                         "spreading --profile-windows over the output (mixed prefill + decode steps come "
+                         "in waves: early, and where the first requests finish)")
     ap.add_argument("--profile-steps", type=int, default=50, help="steps profiled, over all windows")
     ap.add_argument("--profile-windows", type=int, default=4,
                     help="profiler windows spread over the run (window k of W at k/(W+1) of the output)")
@@ -419,7 +431,8 @@ def main() -> None:
         result.update({"num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len})
         result.update(run_engine(engine, prompts, args.output_len, progress,
                                  args.profile_steps if args.profile_idle and cuda else 0,
-                                 args.profile_host, args.profile_windows))
+                                 args.profile_host, args.profile_windows,
+                                 [int(x) for x in args.profile_at_steps.split(",") if x]))
         if hw:
             mc = engine.model_config
             batch = min(args.max_running_requests,
