@@ -154,6 +154,39 @@ def bench_decode_serving(bw: dict) -> list[dict]:
     return rows
 
 
+EXTEND_CONFIGS = [(bm, bn, w, st) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8)
+                  for st in (2, 3, 4)]
+
+
+def bench_extend_serving() -> list[dict]:
+    """The throughput run's mixed steps: about 1,600 prompt tokens a step, here one whole
+    1,024-token prompt and the last 604 tokens of another (420 of it computed the step
+    before), over a grid of extend_attention launch configs (BLOCK_M, BLOCK_N, warps, stages)."""
+    prefixes, news = [0, 420], [1024, 604]
+    k, v, table, seq_lens = paged([p + n for p, n in zip(prefixes, news)], 16)
+    q = torch.randn(sum(news), H, D, device=DEV, dtype=torch.bfloat16)
+    q_start = torch.tensor([0, news[0], sum(news)], dtype=torch.int32, device=DEV)
+    prefix_lens = torch.tensor(prefixes, dtype=torch.int32, device=DEV)
+    args = (q, k, v, table, q_start, prefix_lens, seq_lens, 16, D ** -0.5, max(news))
+    flops = sum(4 * H * D * (n * p + n * (n + 1) / 2) for p, n in zip(prefixes, news))
+    want = tk.extend_attention(*args)
+    rows = []
+    for bm, bn, warps, stages in EXTEND_CONFIGS:
+        kw = dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+        try:
+            got = tk.extend_attention(*args, **kw)
+            ms = bench_ms(lambda: tk.extend_attention(*args, **kw))
+        except Exception as e:                        # e.g. out of shared memory for a config
+            print(f"extend {kw}: failed {e!r:.120}")
+            continue
+        err = (got.float() - want.float()).abs().max().item()
+        rows.append({"shape": "1024 new + (420 cached, 604 new)", "config": kw, "ms": ms,
+                     "TFLOPs": flops / ms / 1e9, "max_abs_err_vs_default": err})
+        print(f"extend serving BLOCK_M {bm:3d} BLOCK_N {bn:3d} warps {warps} stages {stages}: "
+              f"{ms * 1e3:7.1f} us {rows[-1]['TFLOPs']:6.1f} TFLOP/s diff {err:.3g}", flush=True)
+    return rows
+
+
 def bench_others() -> list[dict]:
     rows = []
 
@@ -211,7 +244,8 @@ def main() -> None:
     ap.add_argument("--output", help="JSON path (default: $OUT/gpu_kernels.json when $OUT is set)")
     ap.add_argument("--quick", action="store_true", help="three decode configs only")
     ap.add_argument("--serving", action="store_true",
-                    help="only decode attention at the throughput run's batch 512 over a grid of configs")
+                    help="only the throughput run's attention over grids of launch configs: extend "
+                         "at its mixed steps' prompt tokens, decode at its batch 512")
     args = ap.parse_args()
     name = torch.cuda.get_device_name(DEV)
     print(f"GPU: {name}  ({torch.cuda.get_device_properties(DEV).multi_processor_count} SMs), "
@@ -220,6 +254,9 @@ def main() -> None:
     print(f"HBM read {bw['read_GBps']:.0f} GB/s ({bw['read_method']}); "
           f"copy {bw['copy_GBps']:.0f} GB/s ({bw['copy_method']})")
     if args.serving:
+        ext = bench_extend_serving()
+        best = max(ext, key=lambda r: r["TFLOPs"])
+        print(f"best extend: {best['config']} {best['TFLOPs']:.0f} TFLOP/s")
         rows = bench_decode_serving(bw)
         best = max(rows, key=lambda r: r["GBps"])
         print(f"best: {best['config']} {best['GBps']:.0f} GB/s = {best['pct_of_read_bw']:.1f}%")
@@ -227,7 +264,7 @@ def main() -> None:
                               else None)
         if out:
             with open(out, "w") as f:
-                json.dump({"gpu": name, "hbm": bw, "decode_serving": rows}, f, indent=1)
+                json.dump({"gpu": name, "hbm": bw, "decode_serving": rows, "extend_serving": ext}, f, indent=1)
         return
     decode = bench_decode(bw, args.quick)
     ok = [r for r in decode if "ms" in r]

@@ -138,10 +138,11 @@ def main() -> None:
             "mixed_serial": mixed_serial, "mixed_streams": mixed_streams, "mixed_urgent": mixed_urgent,
             "streams_urgent": streams_urgent}
     result = {"bench": "gpu_overlap", "gpu": torch.cuda.get_device_name(), "batch": B, "chunk": args.chunk,
-              "contexts": "1024-2047", "page_size": 16, "shape": "llama-3.1-8b layer (attention + 4 GEMMs)"}
+              "contexts": "1024-2047", "page_size": 16, "layers": L, "shape": "llama-3.1-8b layer (attention + 4 GEMMs)"}
     for name, fn in {**parts, **runs}.items():
         result[f"{name}_ms_per_layer"] = bench_ms(fn) / L
         print(f"{name:14s} {result[f'{name}_ms_per_layer'] * 1e3:8.1f} us a layer", flush=True)
+    carve(result, parts, mixed_serial, mixed_streams, streams_urgent)
     for a, b in (("serial", "streams"), ("halves", "streams"), ("serial", "streams_urgent"),
                  ("mixed_serial", "mixed_streams"), ("mixed_serial", "mixed_urgent")):
         saved = 1 - result[f"{b}_ms_per_layer"] / result[f"{a}_ms_per_layer"]
@@ -150,6 +151,28 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def carve(result: dict, parts: dict, mixed_serial, mixed_streams, streams_urgent) -> None:
+    """SM partitioning through cuBLASLt's SM-count target (torch's experimental carveout):
+    the GEMMs leave `x` SMs free, which the attention on the other stream can hold."""
+    setter = getattr(torch._C, "_set_sm_carveout_experimental", None)
+    if setter is None:
+        print("no torch._C._set_sm_carveout_experimental: carveout rows skipped")
+        return
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    try:
+        for x in (0, 16, 32, 48, 66):
+            setter(x)
+            for name, fn in (("gemms", parts["gemms"]), ("prefill_gemms", parts["prefill_gemms"]),
+                             ("mixed_serial", mixed_serial), ("mixed_streams", mixed_streams),
+                             ("streams_urgent", streams_urgent)):
+                key = f"lt_carve{x}_{name}_ms_per_layer"
+                result[key] = bench_ms(fn) / result["layers"]
+                print(f"carveout {x:3d} SMs, cublaslt: {name:14s} {result[key] * 1e3:8.1f} us a layer", flush=True)
+    finally:
+        setter(None)
+        torch.backends.cuda.preferred_blas_library("default")
 
 
 if __name__ == "__main__":
