@@ -147,6 +147,9 @@ class EngineConfig:
     # tokens (capped by the step's token budget; 0: eager), attention runs between them
     piecewise_cuda_graph_max_tokens: int = 4096
     disable_overlap: bool = False     # CUDA: schedule step N+1 only after step N's ids are read back
+    # decode batches of at least this many sequences run as two halves on two CUDA streams, one
+    # half's attention beside the other's GEMMs (nano_batch.py; 0: never; paged graph backends)
+    decode_nano_batch_min_bs: int = 384
     max_model_len: int | None = None  # context cap; default: the model's, bounded by the pool
     gguf_decode: bool = True          # CPU fp32 from a GGUF: decode matmuls read its quantized blocks
     seed: int = 0

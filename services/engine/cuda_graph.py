@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from .attention.base import AttentionBackend, PagedBatch
-from .forward_context import ForwardContext, forward_context
+from .attention.base import AttentionBackend
+from .nano_batch import decode_forward, split_rows
 
 log = logging.getLogger("tandem.engine")
 
@@ -39,11 +39,15 @@ class DecodeGraphs:
     INPUTS = ("input_ids", "positions", "out_slots", "seq_lens", "prefix_lens")
 
     def __init__(self, model: torch.nn.Module, backend: AttentionBackend, max_bs: int, max_pages: int,
-                 device: torch.device, use_graphs: bool = True):
-        """use_graphs=False replays eagerly on the same padded static buffers (tests on CPU)."""
+                 device: torch.device, use_graphs: bool = True, nano_batch_min_bs: int = 0):
+        """use_graphs=False replays eagerly on the same padded static buffers (tests on CPU).
+        Buckets of at least nano_batch_min_bs sequences run as two halves on two streams
+        (nano_batch.py; 0: never)."""
         self.model, self.backend, self.device = model, backend, device
         self.buckets = graph_buckets(max_bs)
         self.use_graphs = use_graphs
+        self.nano_batch_min_bs = nano_batch_min_bs
+        self.side: torch.cuda.Stream | None = None      # the second half's stream, while capturing
         n = self.buckets[-1]
         i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.int64, device=device)
         self.static = {
@@ -63,12 +67,9 @@ class DecodeGraphs:
         return next(b for b in self.buckets if b >= batch_size)
 
     def _forward(self, bs: int) -> torch.Tensor:
-        s = self.static
-        pb = PagedBatch(s["page_table"][:bs], s["seq_lens"][:bs], s["prefix_lens"][:bs], s["q_start"][:bs + 1], 1,
-                        num_decode=bs)
-        ctx = ForwardContext(s["out_slots"][:bs], self.backend.build_paged(pb), self.backend)
-        with forward_context(ctx):
-            return self.model(s["input_ids"][:bs], s["positions"][:bs])
+        bufs = {name: t[:bs] for name, t in self.static.items()}
+        bufs["q_start"] = self.static["q_start"][:bs + 1]
+        return decode_forward(self.model, self.backend, bufs, split_rows(bs, self.nano_batch_min_bs), self.side)
 
     @torch.inference_mode()
     def capture(self, pool=None) -> None:
@@ -84,8 +85,10 @@ class DecodeGraphs:
                 for _ in range(2):                  # JIT / autotune outside the capture
                     self._forward(bs)
                 g = torch.cuda.CUDAGraph()
+                self.side = torch.cuda.Stream(self.device)
                 with torch.cuda.graph(g, pool=self.pool, stream=stream):
                     self.outputs[bs] = self._forward(bs)
+                self.side = None
                 self.graphs[bs] = g
                 if i % 8 == 0 or bs == 1:
                     log.info("CUDA graphs: captured batch size %d (%d/%d)", bs, i + 1, len(self.buckets))

@@ -33,12 +33,12 @@ BF16_TOL = 0.15
 
 
 def engine(folder, dtype, backend="triton", page_size=16, tokens=16384, chunk=2048, graphs=True,
-           max_running=32, load_format="auto", overlap=True, **cache) -> Engine:
+           max_running=32, load_format="auto", overlap=True, nano=0, **cache) -> Engine:
     gc.collect()
     torch.cuda.empty_cache()
     return Engine(EngineConfig(model=str(folder), load_format=load_format, dtype=dtype, device="cuda",
                                attention_backend=backend, disable_cuda_graph=not graphs,
-                               disable_overlap=not overlap,
+                               disable_overlap=not overlap, decode_nano_batch_min_bs=nano,
                                cache=CacheConfig(page_size=page_size, max_total_tokens=tokens, **cache),
                                scheduler=SchedulerConfig(chunked_prefill_size=chunk,
                                                          max_running_requests=max_running)))
@@ -134,6 +134,19 @@ def test_llama_1b_graphs_equal_eager(llama_1b):
     check(run(graphed, odd, 16), ref, odd, 16, what="1b triton graphs, padded batch", tol=BF16_TOL)
 
 
+def test_llama_1b_nano_batches(llama_1b):
+    """Decode batches of 4+ as two halves on two streams (nano_batch.py): graph replay
+    equals the eager split (one stream), and both the reference up to ties."""
+    folder, ref = llama_1b
+    ps, _ = _1b_prompts()
+    graphed = engine(folder, "bfloat16", "triton", chunk=2048, nano=4)
+    assert graphed.runner.graphs.nano_batch_min_bs == 4
+    got = run(graphed, ps, 24)
+    eager = engine(folder, "bfloat16", "triton", chunk=2048, graphs=False, nano=4)
+    assert run(eager, ps, 24) == got, "two-stream graph replay and the eager split differ"
+    check(got, ref, ps, 24, what="1b triton nano-batches", tol=BF16_TOL)
+
+
 @pytest.mark.parametrize("graphs", [True, False])
 def test_llama_1b_overlap_equals_sync(llama_1b, graphs):
     """The overlap executor (step N+1 launched before step N's ids are read back) gives the
@@ -176,12 +189,12 @@ def test_smollm2_gpu():
 @pytest.mark.parametrize("graphs,overlap", [(True, True), (False, True), (True, False)])
 def test_pool_fills_up(tmp_path, graphs, overlap):
     """24 requests that need ~10x the pool: they wait, get retracted, and all finish with
-    the reference's ids."""
+    the reference's ids (decode batches of 4+ as nano-batches)."""
     folder = make_tiny_checkpoint("llama", tmp_path / "llama")
     ref = Reference(folder, device="cuda")
     ps = prompts(7, [60, 90, 30, 120, 75, 45] * 4)
     eng = engine(folder, "float32", "triton", page_size=16, tokens=400, chunk=128, graphs=graphs, max_running=8,
-                 overlap=overlap)
+                 overlap=overlap, nano=4)
     check(run(eng, ps, 50), ref, ps, 50, what=f"filled pool graphs={graphs} overlap={overlap}")
     assert eng.scheduler.num_retractions > 0
 
