@@ -10,9 +10,11 @@ half's attention runs beside the other's GEMMs:
     side:         qkv0  | attn0        | o, mlp, qkv1 | ...  (half B)
 
 Each half reads the weights once more and its GEMMs are half as tall, which costs
-~3% at batch 448 on an H200; the overlap wins back ~10%, for a net 7% of a decode
-step there (benchmarks/micro/gpu_overlap.py, benchmarks/results/gpu_h200.md). At
-batch 256 the split loses, hence `min_bs`.
+~3% of one 8B layer at batch 448 on an H200; the overlap wins back ~10%, for a net
+7% there (5% on an H100; benchmarks/micro/gpu_overlap.py). At batch 256 the split
+loses, hence `min_bs`; and in the engine on an H100 the 1B model's throughput run
+lost 9% with it (benchmarks/results/gpu_h100.md), so it is off by default
+(EngineConfig.decode_nano_batch_min_bs = 0) until the 8B on an H200 says otherwise.
 
 The split depends only on the batch size, and eager forwards of a decode batch
 split the same way (one stream, one half after the other), so a captured graph and
