@@ -296,3 +296,17 @@ def test_merge_idle_of_several_windows():
     assert abs(r["gpu_idle_share"] - 0.4) < 1e-9 and r["window_idle_shares"] == [0.1, 0.5]
     assert [(k["name"], k["ms"], k["calls"]) for k in r["top_kernels"]] == [("attn", 18.0, 5), ("gemm", 6.0, 4)]
     assert roofline.merge_idle([]) == {}
+
+
+def test_schedule_sim_runs_the_real_scheduler():
+    """benchmarks/micro/schedule_sim.py on a tiny workload: every prompt token computed at
+    least once, a priced step per scheduled batch, retractions when the pool is short."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "micro" / "schedule_sim.py"),
+                          "--workload", "12,40,60", "--pool", "320", "--chunk", "64", "--max-running", "8"],
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), TANDEM_NO_PROGRESS="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    d = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
+    assert d["prompt_tokens_computed"] >= 12 * 40 and d["total_s"] > 0
+    assert d["kinds"]["decode"] + d["kinds"].get("mixed", 0) + d["kinds"].get("prefill", 0) == d["steps"]
+    assert d["retractions"] > 0
