@@ -68,31 +68,6 @@ def main() -> None:
     side = torch.cuda.Stream()
     urgent = torch.cuda.Stream(priority=-1)            # the block scheduler serves it first
 
-    def mixed_urgent():
-        """mixed_streams with the attention on a high-priority stream: as the GEMMs' blocks
-        retire, the attention's take their SMs first."""
-        main_s = torch.cuda.current_stream()
-        urgent.wait_stream(main_s)
-        for i in range(L):
-            gemms(xs[args.chunk], weights[i % COPIES])
-        with torch.cuda.stream(urgent):
-            for i in range(L):
-                attn(slice(0, B))
-        main_s.wait_stream(urgent)
-
-    def streams_urgent():
-        """streams with half A (attention first) on the high-priority stream."""
-        main_s = torch.cuda.current_stream()
-        urgent.wait_stream(main_s)
-        with torch.cuda.stream(urgent):
-            for i in range(L):
-                attn(halves[0])
-                gemms(xs[B // 2], weights[i % COPIES])
-        for i in range(L):
-            gemms(xs[B // 2], weights[(i + 1) % COPIES])
-            attn(halves[1])
-        main_s.wait_stream(urgent)
-
     def serial():
         for i in range(L):
             attn(slice(0, B))
@@ -104,32 +79,44 @@ def main() -> None:
                 attn(h)
                 gemms(xs[B // 2], weights[i % COPIES])
 
-    def two_streams():
-        main_s = torch.cuda.current_stream()
-        side.wait_stream(main_s)
+    def forked(other: torch.cuda.Stream, here, there):
+        """here() on the current stream and there() on `other`, forked and joined."""
+        def run():
+            main_s = torch.cuda.current_stream()
+            other.wait_stream(main_s)
+            here()
+            with torch.cuda.stream(other):
+                there()
+            main_s.wait_stream(other)
+        return run
+
+    def half_a():                                   # attention first
         for i in range(L):
             attn(halves[0])
             gemms(xs[B // 2], weights[i % COPIES])
-        with torch.cuda.stream(side):
-            for i in range(L):
-                gemms(xs[B // 2], weights[(i + 1) % COPIES])
-                attn(halves[1])
-        main_s.wait_stream(side)
+
+    def half_b():                                   # GEMMs first
+        for i in range(L):
+            gemms(xs[B // 2], weights[(i + 1) % COPIES])
+            attn(halves[1])
 
     def mixed_serial():
         for i in range(L):
             gemms(xs[args.chunk], weights[i % COPIES])
             attn(slice(0, B))
 
-    def mixed_streams():
-        main_s = torch.cuda.current_stream()
-        side.wait_stream(main_s)
+    def chunk_gemms():
         for i in range(L):
             gemms(xs[args.chunk], weights[i % COPIES])
-        with torch.cuda.stream(side):
-            for i in range(L):
-                attn(slice(0, B))
-        main_s.wait_stream(side)
+
+    def batch_attention():
+        for i in range(L):
+            attn(slice(0, B))
+
+    two_streams = forked(side, half_a, half_b)
+    streams_urgent = forked(urgent, half_b, half_a)          # half A on the high-priority stream
+    mixed_streams = forked(side, chunk_gemms, batch_attention)
+    mixed_urgent = forked(urgent, chunk_gemms, batch_attention)   # attention takes freed SMs first
 
     parts = {"attention": lambda: [attn(slice(0, B)) for _ in range(L)],
              "gemms": lambda: [gemms(xs[B], weights[i % COPIES]) for i in range(L)],
