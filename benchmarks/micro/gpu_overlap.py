@@ -10,6 +10,9 @@ of each (over several weight copies, so no GEMM reads its weight from L2):
             run beside B's GEMMs (NanoFlow's nano-batches)
   mixed     a mixed step: the prefill chunk's GEMMs (C tokens) and the decode batch's
             attention, serial against on two streams
+  *_urgent  the attention's stream at high priority (its blocks take freed SMs first)
+  lt_carve  the GEMMs through cuBLASLt leaving 16-66 SMs free (torch's experimental SM
+            carveout), so the attention on the other stream can hold them
 
 Prints the time a layer of each (us) and the share a two-stream engine could save.
 
