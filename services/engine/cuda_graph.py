@@ -85,7 +85,8 @@ class DecodeGraphs:
                 for _ in range(2):                  # JIT / autotune outside the capture
                     self._forward(bs)
                 g = torch.cuda.CUDAGraph()
-                self.side = torch.cuda.Stream(self.device)
+                if len(split_rows(bs, self.nano_batch_min_bs)) > 1:
+                    self.side = torch.cuda.Stream(self.device)
                 with torch.cuda.graph(g, pool=self.pool, stream=stream):
                     self.outputs[bs] = self._forward(bs)
                 self.side = None
