@@ -82,14 +82,18 @@ def main() -> None:
                 attn(h)
                 gemms(xs[B // 2], weights[i % COPIES])
 
-    def forked(other: torch.cuda.Stream, here, there):
-        """here() on the current stream and there() on `other`, forked and joined."""
+    def forked(other: torch.cuda.Stream, here, there, there_first: bool = False):
+        """here() on the current stream and there() on `other`, forked and joined; the one
+        enqueued first gets a head start on the GPU."""
         def run():
             main_s = torch.cuda.current_stream()
             other.wait_stream(main_s)
-            here()
+            if not there_first:
+                here()
             with torch.cuda.stream(other):
                 there()
+            if there_first:
+                here()
             main_s.wait_stream(other)
         return run
 
@@ -117,7 +121,7 @@ def main() -> None:
             attn(slice(0, B))
 
     two_streams = forked(side, half_a, half_b)
-    streams_urgent = forked(urgent, half_b, half_a)          # half A on the high-priority stream
+    streams_urgent = forked(urgent, half_b, half_a, there_first=True)   # half A, high priority, first
     mixed_streams = forked(side, chunk_gemms, batch_attention)
     mixed_urgent = forked(urgent, chunk_gemms, batch_attention)   # attention takes freed SMs first
 

@@ -15,7 +15,7 @@ tokens computed (more than N x IN when retracted requests recompute), the mean d
 and the run in slices of 100 steps (mean decode batch / modeled seconds / mixed steps).
 
 On main at e8b56e4 it gave 2,430 steps (643 mixed, 1,786 decode) for the 8B run whose H200
-lease had 2,431 (644, 1,787), and a modeled 100.9 s against 104.7 s measured.
+lease had 2,431 (644, 1,787), and a modeled 101.6 s against 104.7 s measured.
 
     python benchmarks/micro/schedule_sim.py [--pool 919872] [--chunk 2048] [--max-running 512] \
         [--new-token-ratio 0.4]
