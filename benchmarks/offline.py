@@ -346,8 +346,6 @@ def main() -> None:
                     default=EngineConfig.piecewise_cuda_graph_max_tokens, help="0: prefill and mixed steps eager")
     ap.add_argument("--no-gemv", action="store_true",
                     help="batch-1 decode matmuls on cuBLAS, not kernels/triton's gemv (an A/B)")
-    ap.add_argument("--decode-nano-batch-min-bs", type=int, default=EngineConfig.decode_nano_batch_min_bs,
-                    help="decode batches this big run as two halves on two streams (0: never)")
     ap.add_argument("--disable-overlap", action="store_true",
                     help="CUDA: read each step's ids back before scheduling the next")
     ap.add_argument("--batch1-tokens", type=int, default=0,
@@ -387,7 +385,6 @@ def main() -> None:
                        attention_backend=args.attention_backend, disable_cuda_graph=args.disable_cuda_graph,
                        cuda_graph_max_bs=args.cuda_graph_max_bs, disable_overlap=args.disable_overlap,
                        piecewise_cuda_graph_max_tokens=args.piecewise_cuda_graph_max_tokens,
-                       decode_nano_batch_min_bs=args.decode_nano_batch_min_bs,
                        cache=CacheConfig(page_size=args.page_size, max_total_tokens=args.max_total_tokens,
                                          mem_fraction_static=args.mem_fraction_static),
                        scheduler=SchedulerConfig(max_running_requests=args.max_running_requests,
@@ -413,10 +410,10 @@ def main() -> None:
     vocab = engine.model_config.vocab_size
     model = engine.runner.model
     wbytes = roofline.weight_bytes(model)
-    result.update({"decode_nano_batch_min_bs": engine.runner.nano_batch_min_bs,
-                   "dtype": str(model.embed_tokens.weight.dtype).replace("torch.", ""),
+    result.update({"dtype": str(model.embed_tokens.weight.dtype).replace("torch.", ""),
                    "device": str(engine.device), "attention_backend": type(engine.runner.backend).__name__,
                    "cuda_graphs": engine.runner.graphs is not None, "overlap": engine.executor.overlap,
+                   "graph_routes": {b: to for b, to in getattr(engine.runner.graphs, "route", {}).items() if b != to},
                    "weight_bytes": wbytes,
                    "kv_pool_tokens": (engine.kv.allocator.num_pages - 1) * engine.kv.ps, "load_s": load_s})
     if args.warmup:

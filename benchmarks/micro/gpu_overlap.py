@@ -15,6 +15,9 @@ of each (over several weight copies, so no GEMM reads its weight from L2):
             carveout), so the attention on the other stream can hold them
 
 Prints the time a layer of each (us) and the share a two-stream engine could save.
+Mind the default batch: cuBLAS's kernel for 448 rows is slow (gemm_m_sweep.py), so at 448
+`serial` is slow and the halves (224 rows) miss it; the 5-7% that `streams` saved there did
+not show in the engine, where nano-batches lost 7-13% at 416-512 rows and were removed.
 
     python3 benchmarks/micro/gpu_overlap.py [--batch 448] [--chunk 2048] [--out FILE]
 """

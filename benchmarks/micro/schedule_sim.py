@@ -12,7 +12,8 @@ stub runner). Each scheduled step is priced from measured rates:
 The defaults are an H200's and the llama-3.1-8b shape; the pool is the run's (its
 `kv_pool_tokens`). It prints the steps by kind, the modeled time, retractions, the prompt
 tokens computed (more than N x IN when retracted requests recompute), the mean decode batch,
-and the run in slices of 100 steps (mean decode batch / modeled seconds / mixed steps).
+and the run in slices of 100 steps (mean decode batch / modeled seconds / mixed steps), and
+the decode steps by the CUDA graph bucket they replay in (cuda_graph.graph_buckets).
 
 On main at e8b56e4 it gave 2,430 steps (643 mixed, 1,786 decode) for the 8B run whose H200
 lease had 2,431 (644, 1,787), and a modeled 101.6 s against 104.7 s measured.
@@ -34,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import host_step  # noqa: E402
 from benchmarks.roofline import step_kind  # noqa: E402
+from services.engine.cuda_graph import graph_buckets  # noqa: E402
 from services.engine.sampling_params import SamplingParams  # noqa: E402
 
 
@@ -100,6 +102,9 @@ def main() -> None:
         part = trace[i:i + 100]
         print(f"  steps {i:5d}+: decode batch {sum(d for _, d, _ in part) / len(part):5.0f}, "
               f"{sum(t for *_, t in part):5.1f} s, {sum(k == 'mixed' for k, *_ in part):3d} mixed")
+    buckets = graph_buckets(a.max_running)
+    by_bucket = Counter(next(b for b in buckets if b >= d) for k, d, _ in trace if k == "decode")
+    print("  decode steps by graph bucket: " + ", ".join(f"{b}: {c}" for b, c in sorted(by_bucket.items())))
 
 
 if __name__ == "__main__":

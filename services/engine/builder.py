@@ -145,8 +145,7 @@ def capture_graphs(config: EngineConfig, runner: ModelRunner, context_len: int, 
         runner.piecewise = PiecewiseGraphs(runner.model, runner.backend, max_tokens, device)
         runner.piecewise.capture(pool)
     max_bs = min(sc.max_running_requests, config.cuda_graph_max_bs)
-    runner.graphs = DecodeGraphs(runner.model, runner.backend, max_bs, -(-context_len // runner.ps), device,
-                                 nano_batch_min_bs=runner.nano_batch_min_bs)
+    runner.graphs = DecodeGraphs(runner.model, runner.backend, max_bs, -(-context_len // runner.ps), device)
     runner.graphs.capture(pool)
 
 
@@ -181,8 +180,6 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     backend = backend_cls(pool, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     backend.context_pages = -(-context_len // ps)
     runner = ModelRunner(model, backend, ps, device)
-    if backend.graph_capturable:
-        runner.nano_batch_min_bs = config.decode_nano_batch_min_bs
     if device.type == "cuda" and backend.graph_capturable and not config.disable_cuda_graph:
         capture_graphs(config, runner, context_len, device)
     eos = tuple(sorted(set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())))

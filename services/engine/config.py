@@ -147,11 +147,6 @@ class EngineConfig:
     # tokens (capped by the step's token budget; 0: eager), attention runs between them
     piecewise_cuda_graph_max_tokens: int = 4096
     disable_overlap: bool = False     # CUDA: schedule step N+1 only after step N's ids are read back
-    # decode batches of at least this many sequences run as two halves on two CUDA streams, one
-    # half's attention beside the other's GEMMs (nano_batch.py; paged graph backends). 0 (off) by
-    # default: on an H100 it slowed the 1B throughput run by 9%; the 8B on an H200, where one
-    # layer's micro-benchmark gains 7% at batch 448, is not measured yet
-    decode_nano_batch_min_bs: int = 0
     max_model_len: int | None = None  # context cap; default: the model's, bounded by the pool
     gguf_decode: bool = True          # CPU fp32 from a GGUF: decode matmuls read its quantized blocks
     seed: int = 0

@@ -10,6 +10,12 @@ biggest bucket, and every non-decode batch, run eagerly.
 
 All graphs share one memory pool and are captured largest first, so the
 smaller ones reuse the larger one's activations.
+
+Then each graph's replay is timed, and a bucket whose graph is slower than a
+larger bucket's sends its batches to that one: cuBLAS picks a slow kernel for
+some row counts (on an H100 the 8B's gate_up GEMM takes twice as long at 448
+rows as at 464 or 512; benchmarks/micro/gemm_m_sweep.py), and padding past them
+is cheaper. A routed bucket's graph is dropped.
 """
 from __future__ import annotations
 
@@ -18,8 +24,8 @@ import time
 
 import torch
 
-from .attention.base import AttentionBackend
-from .nano_batch import decode_forward, split_rows
+from .attention.base import AttentionBackend, PagedBatch
+from .forward_context import ForwardContext, forward_context
 
 log = logging.getLogger("tandem.engine")
 
@@ -34,20 +40,30 @@ def graph_buckets(max_bs: int) -> list[int]:
     return sizes
 
 
+def route_buckets(times: dict[int, float], margin: float = 0.05) -> dict[int, int]:
+    """The bucket each bucket's batches replay in, from the buckets' replay times: a larger
+    one that is faster by more than `margin`, the fastest such, else itself."""
+    route, best = {}, None
+    for b in sorted(times, reverse=True):
+        if best is not None and times[best] < times[b] * (1 - margin):
+            route[b] = best
+        else:
+            route[b] = b
+            if best is None or times[b] < times[best]:
+                best = b
+    return route
+
+
 class DecodeGraphs:
     # static input buffers, in the runner's upload names
     INPUTS = ("input_ids", "positions", "out_slots", "seq_lens", "prefix_lens")
 
     def __init__(self, model: torch.nn.Module, backend: AttentionBackend, max_bs: int, max_pages: int,
-                 device: torch.device, use_graphs: bool = True, nano_batch_min_bs: int = 0):
-        """use_graphs=False replays eagerly on the same padded static buffers (tests on CPU).
-        Buckets of at least nano_batch_min_bs sequences run as two halves on two streams
-        (nano_batch.py; 0: never)."""
+                 device: torch.device, use_graphs: bool = True):
+        """use_graphs=False replays eagerly on the same padded static buffers (tests on CPU)."""
         self.model, self.backend, self.device = model, backend, device
         self.buckets = graph_buckets(max_bs)
         self.use_graphs = use_graphs
-        self.nano_batch_min_bs = nano_batch_min_bs
-        self.side: torch.cuda.Stream | None = None      # the second half's stream, while capturing
         n = self.buckets[-1]
         i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.int64, device=device)
         self.static = {
@@ -58,18 +74,22 @@ class DecodeGraphs:
         }
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.route = {b: b for b in self.buckets}       # set from measured replay times by capture()
         self.pool = None
 
     def bucket(self, batch_size: int) -> int | None:
         """The bucket a decode batch of this size replays in, or None (run it eagerly)."""
         if batch_size > self.buckets[-1]:
             return None
-        return next(b for b in self.buckets if b >= batch_size)
+        return self.route[next(b for b in self.buckets if b >= batch_size)]
 
     def _forward(self, bs: int) -> torch.Tensor:
-        bufs = {name: t[:bs] for name, t in self.static.items()}
-        bufs["q_start"] = self.static["q_start"][:bs + 1]
-        return decode_forward(self.model, self.backend, bufs, split_rows(bs, self.nano_batch_min_bs), self.side)
+        s = self.static
+        pb = PagedBatch(s["page_table"][:bs], s["seq_lens"][:bs], s["prefix_lens"][:bs], s["q_start"][:bs + 1], 1,
+                        num_decode=bs)
+        ctx = ForwardContext(s["out_slots"][:bs], self.backend.build_paged(pb), self.backend)
+        with forward_context(ctx):
+            return self.model(s["input_ids"][:bs], s["positions"][:bs])
 
     @torch.inference_mode()
     def capture(self, pool=None) -> None:
@@ -85,18 +105,36 @@ class DecodeGraphs:
                 for _ in range(2):                  # JIT / autotune outside the capture
                     self._forward(bs)
                 g = torch.cuda.CUDAGraph()
-                if len(split_rows(bs, self.nano_batch_min_bs)) > 1:
-                    self.side = torch.cuda.Stream(self.device)
                 with torch.cuda.graph(g, pool=self.pool, stream=stream):
                     self.outputs[bs] = self._forward(bs)
-                self.side = None
                 self.graphs[bs] = g
                 if i % 8 == 0 or bs == 1:
                     log.info("CUDA graphs: captured batch size %d (%d/%d)", bs, i + 1, len(self.buckets))
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
+        self._route()
         log.info("CUDA graphs: %d batch sizes (1..%d) in %.1f s, %.0f MiB", len(self.buckets), self.buckets[-1],
                  time.perf_counter() - t0, torch.cuda.memory_reserved(self.device) / 2**20)
+
+    def _route(self) -> None:
+        """Time each graph's replay (on the static buffers as captured: contexts of one
+        token, so mostly the GEMMs) and route the buckets by it; drop the unused graphs."""
+        times = {}
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for bs, g in self.graphs.items():
+            g.replay()
+            start.record()
+            for _ in range(3):
+                g.replay()
+            end.record()
+            end.synchronize()
+            times[bs] = start.elapsed_time(end) / 3
+        self.route = route_buckets(times)
+        for b, to in self.route.items():
+            if to != b:
+                log.info("CUDA graphs: batch size %d replays in bucket %d (%.2f ms against %.2f ms)",
+                         b, to, times[to], times[b])
+                del self.graphs[b], self.outputs[b]
 
     def replay(self, dev: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
         """Logits [batch_size, V] of a decode step whose inputs (`dev`, padded to its

@@ -26,7 +26,6 @@ import torch
 from .attention.base import AttentionBackend, PagedBatch, SeqSpec
 from .forward_context import ForwardContext, forward_context
 from .kv_pool import RESERVED_PAGE, slot_tensor
-from .nano_batch import decode_forward, split_rows
 from .overlap import FutureTokens
 from .page_table import PAD_ROW, PageTable
 from .request import Request
@@ -54,7 +53,6 @@ class ModelRunner:
         self.page_table = PageTable(device)
         self.futures = FutureTokens(device)
         self.graphs = None          # cuda_graph.DecodeGraphs, set by the builder after capture
-        self.nano_batch_min_bs = 0  # decode batches this big run as two halves (nano_batch.py)
         self.piecewise = None       # piecewise_graph.PiecewiseGraphs (every other step), likewise
 
     def slots(self, pages: list[int], length: int) -> torch.Tensor:
@@ -91,10 +89,6 @@ class ModelRunner:
         if bucket is not None:
             logits = self.graphs.replay(dev, B)
             return logits if step.all_sample else logits[dev["sample_rows"]]
-        parts = split_rows(B, self.nano_batch_min_bs) if step.max_q_len == 1 and pieces is None else [(0, B)]
-        if len(parts) > 1:      # an eager decode batch splits as its graph would (same floats)
-            hidden = decode_forward(self.model, self.backend, dev, parts)
-            return self.model.compute_logits(hidden if step.all_sample else hidden[dev["sample_rows"]])
         meta = self.backend.build_paged(step.paged_batch(dev))
         if pieces is not None:
             hidden = self.piecewise.run(dev, T, meta)

@@ -15,10 +15,9 @@ import torch
 
 from services.engine.attention.base import ATTENTION_BACKENDS, PagedBatch, default_backend, get_backend
 from services.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from services.engine.cuda_graph import DecodeGraphs, graph_buckets
+from services.engine.cuda_graph import DecodeGraphs, graph_buckets, route_buckets
 from services.engine.piecewise_graph import PiecewiseGraphs, token_buckets
 from services.engine.engine import Engine
-from services.engine.nano_batch import split_rows
 from services.engine.request import Request
 from services.engine.page_table import PageTable
 from services.engine.runner import StepArrays
@@ -170,6 +169,17 @@ def test_greedy_equals_torch_backend(tiny, family, page_size):
     assert got == want
 
 
+def test_route_buckets_pads_past_slow_row_counts():
+    """A bucket whose graph replays slower than a larger one's (cuBLAS's slow kernel for
+    448 rows on an H100) sends its batches to the fastest larger one; noise under the
+    margin routes nothing."""
+    times = {416: 10.0, 432: 9.0, 448: 13.6, 464: 9.5, 480: 9.7, 512: 9.6}
+    assert route_buckets(times) == {416: 432, 432: 432, 448: 464, 464: 464, 480: 480, 512: 512}
+    flat = {1: 6.0, 2: 6.1, 4: 5.95, 8: 6.05}
+    assert route_buckets(flat) == {b: b for b in flat}
+    assert route_buckets({8: 2.0, 16: 1.0, 24: 1.5}) == {8: 16, 16: 16, 24: 24}
+
+
 def test_decode_padded_to_graph_buckets(tiny):
     """Decode batches padded to buckets (3 -> 4, 5 -> 8, ...) on the graphs' static buffers,
     replayed eagerly: the same ids as unpadded."""
@@ -185,40 +195,6 @@ def test_decode_padded_to_graph_buckets(tiny):
     assert greedy(eng, ps, 12) == want
     assert (4, 3) in calls or (4, 4) in calls
     assert all(bs in (1, 2, 4) and b <= bs for bs, b in calls)
-
-
-def test_split_rows():
-    assert split_rows(300, 384) == [(0, 300)]
-    assert split_rows(512, 0) == [(0, 512)]
-    assert split_rows(384, 384) == [(0, 192), (192, 384)]
-    assert split_rows(449, 384) == [(0, 232), (232, 449)]          # the first half: a multiple of 8
-    assert split_rows(3, 2) == [(0, 2), (2, 3)]
-    assert split_rows(2, 2) == [(0, 1), (1, 2)]
-
-
-@pytest.mark.parametrize("graphs", [False, True])
-def test_nano_batches_give_the_same_ids(tiny, monkeypatch, graphs):
-    """Decode batches forwarded as two halves (nano_batch.py), eagerly or on the graphs'
-    padded static buffers (replayed eagerly here; on CUDA the halves run on two streams):
-    the same ids as one forward."""
-    from services.engine import cuda_graph, nano_batch, runner
-    folder, _ = tiny["llama"]
-    ps = prompts(3, [9, 14, 30, 3, 22])
-    want = greedy(make(folder), ps, 12)
-    eng = make(folder)
-    r = eng.runner
-    r.nano_batch_min_bs = 3
-    if graphs:
-        r.graphs = DecodeGraphs(r.model, r.backend, 8, eng.context_len // 4, eng.device, use_graphs=False,
-                                nano_batch_min_bs=3)
-    splits = []
-    forward = nano_batch.decode_forward
-    for module in (cuda_graph, runner):              # the two callers: graph buffers, eager
-        monkeypatch.setattr(module, "decode_forward",
-                            lambda *a, **kw: splits.append(a[3]) or forward(*a, **kw))
-    assert greedy(eng, ps, 12) == want
-    assert any(len(p) == 2 for p in splits), splits
-    assert all(len(p) == 1 for p in splits if p[-1][1] < 3)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
