@@ -3,7 +3,7 @@
 A decode step's GEMMs should take time that grows with M, flat while they are memory-bound
 and then about linear. cuBLAS's heuristics pick a kernel per shape, and some M get a slow one:
 on an H100 (torch 2.11, cu130) the llama-3.1-8b gate_up projection takes 287 us at M = 448
-against 142-148 us at 432-512. Such an M is worth padding past, which is what the decode
+against 136-148 us at 432-512. Such an M is worth padding past, which is what the decode
 graphs' measured routing does (services/engine/cuda_graph.py: DecodeGraphs.route).
 
     python3 benchmarks/micro/gemm_m_sweep.py [--hidden 4096 --inter 14336 --heads 32 --kv-heads 8]

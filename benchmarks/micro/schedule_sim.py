@@ -102,9 +102,10 @@ def main() -> None:
         part = trace[i:i + 100]
         print(f"  steps {i:5d}+: decode batch {sum(d for _, d, _ in part) / len(part):5.0f}, "
               f"{sum(t for *_, t in part):5.1f} s, {sum(k == 'mixed' for k, *_ in part):3d} mixed")
-    buckets = graph_buckets(a.max_running)
-    by_bucket = Counter(next(b for b in buckets if b >= d) for k, d, _ in trace if k == "decode")
-    print("  decode steps by graph bucket: " + ", ".join(f"{b}: {c}" for b, c in sorted(by_bucket.items())))
+    buckets = graph_buckets(min(a.max_running, 512))       # cuda_graph_max_bs 512
+    by_bucket = Counter(next((b for b in buckets if b >= d), 0) for k, d, _ in trace if k == "decode")
+    print("  decode steps by graph bucket (0: past the biggest, eager): "
+          + ", ".join(f"{b}: {c}" for b, c in sorted(by_bucket.items())))
 
 
 if __name__ == "__main__":

@@ -108,18 +108,20 @@ def default_num_splits(batch: int, num_kv_heads: int, max_pages: int, page_size:
     return max(1, min(want, most, MAX_SPLITS))
 
 
-def _config(head_dim: int, splits: int):
+def _config(head_dim: int, splits: int, elem_bytes: int):
     """(BLOCK_N, num_warps, num_stages). Small blocks under the interpreter so that CPU
-    tests cover several blocks per split. Unsplit (big batches, the throughput runs' decode
-    steps), 128-token blocks in 3 stages: at batch 512 x contexts 1024-2047 they read at
-    93.7% of the read bandwidth on an H200 against 92.4% for (64, 4, 2), 94.7% against 94.3%
-    on an H100 (gpu_kernels.py --serving; gpu_h200_decode_serving.json,
-    gpu_h100_serving_kernels.json)."""
+    tests cover several blocks per split. An unsplit launch (big batches, as in the
+    throughput runs' decode steps, or contexts of at most MIN_SPLIT_TOKENS) of 16-bit K/V
+    with head_dim <= 128 reads 128-token blocks in 3 stages: at batch 512 x contexts
+    1024-2047 that reads at 93.7% of the read bandwidth on an H200 against 92.4% for
+    (64, 4, 2), 94.7% against 94.3% on an H100 (gpu_kernels.py --serving;
+    gpu_h200_decode_serving.json, gpu_h100_serving_kernels.json). fp32 keeps the smaller
+    blocks: 3 stages of them would need 145 KiB of shared memory, over what sm_86/89 give."""
     if INTERPRET:
         return 16, 1, 1
     if head_dim > 128:
         return 32, 4, 2
-    return (128, 4, 3) if splits == 1 else (64, 4, 2)
+    return (128, 4, 3) if splits == 1 and elem_bytes <= 2 else (64, 4, 2)
 
 
 def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, scale, *,
@@ -149,7 +151,7 @@ def decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, scale
         return out
     splits = num_splits or default_num_splits(B, KVH, page_table.shape[1], page_size, dev)
     check_int("num_splits", splits, 1)
-    bn, warps, stages = _config(D, splits)
+    bn, warps, stages = _config(D, splits, q.element_size())
     bn, warps, stages = block_n or bn, num_warps or warps, num_stages or stages
     G = H // KVH
     BLOCK_D = max(16, next_pow2(D))

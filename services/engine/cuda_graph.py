@@ -15,7 +15,7 @@ Then each graph's replay is timed, and a bucket whose graph is slower than a
 larger bucket's sends its batches to that one: cuBLAS picks a slow kernel for
 some row counts (on an H100 the 8B's gate_up GEMM takes twice as long at 448
 rows as at 464 or 512; benchmarks/micro/gemm_m_sweep.py), and padding past them
-is cheaper. A routed bucket's graph is dropped.
+is cheaper.
 """
 from __future__ import annotations
 
@@ -118,23 +118,25 @@ class DecodeGraphs:
 
     def _route(self) -> None:
         """Time each graph's replay (on the static buffers as captured: contexts of one
-        token, so mostly the GEMMs) and route the buckets by it; drop the unused graphs."""
+        token, so mostly the GEMMs; the best of 5) and route the buckets by it. The routed
+        buckets' graphs stay (their memory is the shared pool's either way)."""
         times = {}
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         for bs, g in self.graphs.items():
             g.replay()
-            start.record()
-            for _ in range(3):
+            best = float("inf")
+            for _ in range(5):
+                start.record()
                 g.replay()
-            end.record()
-            end.synchronize()
-            times[bs] = start.elapsed_time(end) / 3
+                end.record()
+                end.synchronize()
+                best = min(best, start.elapsed_time(end))
+            times[bs] = best
         self.route = route_buckets(times)
         for b, to in self.route.items():
             if to != b:
                 log.info("CUDA graphs: batch size %d replays in bucket %d (%.2f ms against %.2f ms)",
                          b, to, times[to], times[b])
-                del self.graphs[b], self.outputs[b]
 
     def replay(self, dev: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
         """Logits [batch_size, V] of a decode step whose inputs (`dev`, padded to its
