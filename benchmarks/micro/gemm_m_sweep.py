@@ -7,7 +7,10 @@ against 136-148 us at 432-512. Such an M is worth padding past, which is what th
 graphs' measured routing does (services/engine/cuda_graph.py: DecodeGraphs.route).
 
     python3 benchmarks/micro/gemm_m_sweep.py [--hidden 4096 --inter 14336 --heads 32 --kv-heads 8]
-        [--out FILE]
+        [--m 8:256:8,272:512:16,2048] [--out FILE]
+
+(--m: values and inclusive start:stop:step ranges; e.g. 2048:2560:16 for the mixed steps'
+2,048 prompt tokens plus a decode batch.)
 
 Prints, per M, the four GEMMs' times (us: qkv, o, gate_up, down) and their sum.
 """
@@ -19,7 +22,19 @@ import json
 import torch
 import torch.nn.functional as F
 
-M_VALUES = list(range(8, 257, 8)) + list(range(272, 513, 16)) + [1024, 2048, 2096, 2304, 2496]
+M_DEFAULT = "8:256:8,272:512:16,1024,2048,2096,2304,2496"
+
+
+def parse_m(spec: str) -> list[int]:
+    """'8:256:8,1024' -> [8, 16, ..., 256, 1024] (ranges include their stop)."""
+    out = []
+    for part in spec.split(","):
+        if ":" in part:
+            lo, hi, step = (int(x) for x in part.split(":"))
+            out += list(range(lo, hi + 1, step))
+        else:
+            out.append(int(part))
+    return out
 
 
 def time_us(fn, iters: int = 10) -> float:
@@ -41,6 +56,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--m", default=M_DEFAULT, help="row counts: values and start:stop:step ranges")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     h, d = args.hidden, args.head_dim
@@ -49,7 +65,7 @@ def main() -> None:
     dev = "cuda"
     weights = {k: torch.randn(s, device=dev, dtype=torch.bfloat16) * 0.02 for k, s in shapes.items()}
     rows = []
-    for m in M_VALUES:
+    for m in parse_m(args.m):
         us = {k: time_us(lambda: F.linear(torch.empty(m, kk, device=dev, dtype=torch.bfloat16), weights[k]))
               for k, (_, kk) in shapes.items()}
         rows.append({"m": m, **{k: round(v, 1) for k, v in us.items()}, "sum": round(sum(us.values()), 1)})

@@ -310,3 +310,14 @@ def test_schedule_sim_runs_the_real_scheduler():
     assert d["prompt_tokens_computed"] >= 12 * 40 and d["total_s"] > 0
     assert d["kinds"]["decode"] + d["kinds"].get("mixed", 0) + d["kinds"].get("prefill", 0) == d["steps"]
     assert d["retractions"] > 0
+
+
+def test_gemm_m_sweep_parses_row_counts():
+    """benchmarks/micro/gemm_m_sweep.py --m: values and inclusive ranges; its default is
+    the 53 row counts of the recorded H100 sweep (gpu_h100_gemm_m_sweep.json)."""
+    spec = importlib.util.spec_from_file_location("gemm_m_sweep", ROOT / "benchmarks" / "micro" / "gemm_m_sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.parse_m("8:24:8,100,2048:2080:16") == [8, 16, 24, 100, 2048, 2064, 2080]
+    recorded = json.loads((ROOT / "benchmarks" / "results" / "gpu_h100_gemm_m_sweep.json").read_text())
+    assert mod.parse_m(mod.M_DEFAULT) == [r["m"] for r in recorded["rows"]]
