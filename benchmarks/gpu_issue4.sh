@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Issue 4's figures on whatever one GPU the lease gives (results to $1, default benchmarks/results).
+#   bash benchmarks/gpu_issue4.sh OUT [batch1|small|8b|8b095] ...
+# batch1: 8B batch-1 decode against transformers, plus the batch sweep (JSON + plot);
+# small:  llama-3.2-1b and qwen2.5-0.5b throughput with the GPU-idle profile;
+# 8b:     8B throughput, 1000 x 1024 -> 1024 (8b095: at --mem-fraction-static 0.95).
+# Each JSON is named gpu_<card>_<model>_<what>.json; the printed summary goes to stdout.
+set -u
+OUT=${1:-benchmarks/results}; shift || true
+NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+case "$NAME" in *H200*) G=h200;; *H100*) G=h100;; *) G=gpu;; esac
+echo "GPU: $NAME"
+O="--device cuda --load-format dummy --no-progress --results-dir $OUT"
+T="--num-prompts 1000 --input-len 1024 --output-len 1024 --max-running-requests 512"
+for what in "$@"; do
+    case "$what" in
+    batch1) python3 benchmarks/offline.py $O --model llama-3.1-8b --num-prompts 0 --batch1-tokens 256 \
+                --baseline transformers --batch-sweep 1,8,32,64,128,256,512 --sweep-input-len 1024 \
+                --sweep-output-len 64 --tag gpu_${G}_llama-3.1-8b_batch1_sweep ;;
+    small)  for m in llama-3.2-1b qwen2.5-0.5b; do
+                python3 benchmarks/offline.py $O $T --model $m --profile-idle --profile-steps 100 \
+                    --tag gpu_${G}_${m}_idle
+            done ;;
+    8b)     python3 benchmarks/offline.py $O $T --model llama-3.1-8b --tag gpu_${G}_llama-3.1-8b_tput ;;
+    8b095)  python3 benchmarks/offline.py $O $T --model llama-3.1-8b --mem-fraction-static 0.95 \
+                --tag gpu_${G}_llama-3.1-8b_tput095 ;;
+    *)      echo "unknown set: $what" >&2; exit 2 ;;
+    esac 2>&1 | grep -v '^{"bench"'
+done
