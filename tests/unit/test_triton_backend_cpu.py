@@ -71,6 +71,18 @@ def test_registry_and_defaults():
     assert graph_buckets(300)[-3:] == [272, 288, 300] and len(set(graph_buckets(512))) == len(graph_buckets(512))
 
 
+def test_flashinfer_paged_csr():
+    """The page table in FlashInfer's CSR form: only the pages a sequence's length uses, and
+    the last page's fill (a full last page counts page_size, not 0)."""
+    import numpy as np
+    from services.engine.attention.flashinfer_backend import paged_csr
+    table = np.array([[7, 3, 9, 0], [5, 0, 0, 0], [1, 2, 4, 6]], dtype=np.int32)
+    indptr, indices, last = paged_csr(table, np.array([9, 4, 13]), 4)
+    assert indptr.tolist() == [0, 3, 4, 8] and indptr.dtype == np.int32
+    assert indices.tolist() == [7, 3, 9, 5, 1, 2, 4, 6] and indices.dtype == np.int32
+    assert last.tolist() == [1, 4, 1] and last.dtype == np.int32
+
+
 def _device_table(table: PageTable, s: StepArrays) -> list[list[int]]:
     """The batch's page table as the runner gets it: new entries written, rows gathered."""
     x = {k: torch.from_numpy(v) for k, v in s.arrays.items()}

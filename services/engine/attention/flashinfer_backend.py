@@ -32,6 +32,17 @@ def flashinfer_available() -> bool:
     return True
 
 
+def paged_csr(page_table: np.ndarray, seq_lens: np.ndarray, page_size: int):
+    """FlashInfer's CSR page layout from a [B, max_pages] page table: int32 indptr [B + 1],
+    the pages each sequence uses, concatenated, and how full each last page is (1..page_size)."""
+    seq_lens = np.asarray(seq_lens, dtype=np.int64)
+    npages = -(-seq_lens // page_size)
+    indptr = np.concatenate([[0], np.cumsum(npages)]).astype(np.int32)
+    indices = np.concatenate([row[:n] for row, n in zip(page_table, npages)] or [np.zeros(0)]).astype(np.int32)
+    last = (seq_lens - (npages - 1) * page_size).astype(np.int32)
+    return indptr, indices, last
+
+
 @dataclass
 class FlashInferMeta:
     wrapper: Any        # the planned decode or prefill wrapper
@@ -60,12 +71,8 @@ class FlashInferAttentionBackend(AttentionBackend):
     def build_paged(self, batch: PagedBatch) -> FlashInferMeta:
         h = batch.host
         ps, dev, dtype = self.ps, self.kv_pool.device, self.kv_pool.dtype
-        seq_lens = h["seq_lens"].astype(np.int64)
-        npages = -(-seq_lens // ps)
-        indices = np.concatenate([row[:n] for row, n in zip(h["page_table"], npages)]).astype(np.int32)
-        indptr = torch.from_numpy(np.concatenate([[0], np.cumsum(npages)]).astype(np.int32))
-        last = torch.from_numpy((seq_lens - (npages - 1) * ps).astype(np.int32))
-        indices = torch.from_numpy(indices).to(dev, non_blocking=True)
+        indptr, indices, last = (torch.from_numpy(a) for a in paged_csr(h["page_table"], h["seq_lens"], ps))
+        indices = indices.to(dev, non_blocking=True)
         heads = (self.num_heads, self.num_kv_heads, self.head_dim, ps)
         if batch.is_decode:
             self._decode.plan(indptr, indices, last, *heads, pos_encoding_mode="NONE",
