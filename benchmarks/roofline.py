@@ -96,7 +96,7 @@ def throughput_roofline(cfg, wbytes: int, kv_per_token: int, num_prompts: int, i
             "roofline_tok_s_overlapped": out / max(t_pre, t_dec)}     # prefill hidden entirely
 
 
-def decode_roofline_tok_s(wbytes: int, kv_per_token: int, batch: int, context: float, bandwidth: float) -> float:
+def decode_roofline_tok_s(wbytes: int, kv_per_token: int, batch: float, context: float, bandwidth: float) -> float:
     """Output tok/s of decode steps of `batch` sequences at mean `context`, bound by HBM."""
     return batch * bandwidth / (wbytes + batch * kv_per_token * context)
 
