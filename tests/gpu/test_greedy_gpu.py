@@ -77,21 +77,25 @@ def test_tiny_fp32_gpu(tmp_path, family, page_size, backend):
     check(run(eng, cached, 8), ref, cached, 8, what=f"{family} {backend} cached")
 
 
-@pytest.fixture(scope="module")
-def llama_1b(tmp_path_factory):
-    """A random bf16 checkpoint of the Llama-3.2-1B shape (transformers' own init), and its reference."""
+def dummy_checkpoint(name: str, tmp_path_factory):
+    """A random bf16 checkpoint of a registry shape (transformers' own init), and its reference."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from services.engine.model_registry import get_known
-    hf = dict(get_known("llama-3.2-1b").hf_config)
+    hf = dict(get_known(name).hf_config)
     cfg = AutoConfig.for_model(hf.pop("model_type"), **{k: v for k, v in hf.items() if k != "architectures"})
     cfg.architectures = hf["architectures"]
-    folder = tmp_path_factory.mktemp("llama-3.2-1b")
+    folder = tmp_path_factory.mktemp(name)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(folder, safe_serialization=True)
     del model
     return folder, Reference(folder, dtype=torch.bfloat16, device="cuda")
+
+
+@pytest.fixture(scope="module")
+def llama_1b(tmp_path_factory):
+    return dummy_checkpoint("llama-3.2-1b", tmp_path_factory)
 
 
 def _1b_prompts():
@@ -114,6 +118,18 @@ def test_llama_1b_shape_bf16(llama_1b, backend):
     assert res[0].num_cached_prompt >= 144, "no prefix-cache hit"
     check(got_cached + [res[0].output_ids], ref, cached, 8, what=f"1b {backend} cached", tol=BF16_TOL)
     eng.check_integrity()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", ["qwen2.5-0.5b", "smollm2-135m"])
+def test_gqa_shapes_bf16(tmp_path_factory, shape, backend):
+    """Other head layouts in bf16: Qwen2.5-0.5B (14 q heads on 2 KV heads, a group of 7 that
+    flashinfer's plain decode kernel lacks; qkv bias) and SmolLM2-135M (9 on 3), under
+    chunked prefill, CUDA graphs where the backend has them."""
+    folder, ref = dummy_checkpoint(shape, tmp_path_factory)
+    ps = prompts(7, [7, 40, 130, 9, 64, 18], vocab=49152)
+    eng = engine(folder, "bfloat16", backend, chunk=64)
+    check(run(eng, ps, 12), ref, ps, 12, what=f"{shape} {backend}", tol=BF16_TOL)
 
 
 def test_llama_1b_graphs_equal_eager(llama_1b):

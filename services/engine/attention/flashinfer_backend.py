@@ -65,7 +65,10 @@ class FlashInferAttentionBackend(AttentionBackend):
                               f"(pip install flashinfer-python): {e}") from e
         dev = kv_pool.device
         ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+        # the plain decode kernel has query groups of 1-4, 6 and 8 only; larger groups (Qwen2.5's
+        # 7) read K/V once per group on tensor cores instead, as SGLang does
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            ws, "NHD", use_tensor_cores=num_heads // num_kv_heads > 4)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
         self.ops = kernel_ops(dev)
         self.ps = kv_pool.page_size
