@@ -3,7 +3,9 @@
 #   bash benchmarks/gpu_issue4.sh OUT [batch1|small|8b|8b095] ...
 # batch1: 8B batch-1 decode against transformers, plus the batch sweep (JSON + plot);
 # small:  llama-3.2-1b and qwen2.5-0.5b throughput with the GPU-idle profile;
-# 8b:     8B throughput, 1000 x 1024 -> 1024 (8b095: at --mem-fraction-static 0.95).
+# 8b:     8B throughput, 1000 x 1024 -> 1024 (8b095: at --mem-fraction-static 0.95);
+# flashinfer: the greedy tests on the flashinfer backend, from wheels in .whl/ (flashinfer-python
+#         0.6.18.post1 and apache-tvm-ffi for cp312; its kernels are JIT-built, ~1 min a layout).
 # Each JSON is named gpu_<card>_<model>_<what>.json; the printed summary goes to stdout.
 set -u
 OUT=${1:-benchmarks/results}; shift || true
@@ -21,6 +23,11 @@ for what in "$@"; do
                 python3 benchmarks/offline.py $O $T --model $m --profile-idle --profile-steps 100 \
                     --tag gpu_${G}_${m}_idle
             done ;;
+    flashinfer)
+            python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fi-site .whl/*.whl || exit
+            CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} \
+                PYTHONPATH=/tmp/fi-site python3 -m pytest -v -p no:cacheprovider tests/gpu/test_greedy_gpu.py \
+                -k flashinfer ;;
     8b)     python3 benchmarks/offline.py $O $T --model llama-3.1-8b --tag gpu_${G}_llama-3.1-8b_tput ;;
     8b095)  python3 benchmarks/offline.py $O $T --model llama-3.1-8b --mem-fraction-static 0.95 \
                 --tag gpu_${G}_llama-3.1-8b_tput095 ;;
