@@ -83,12 +83,14 @@ class DecodeGraphs:
             return None
         return self.route[next(b for b in self.buckets if b >= batch_size)]
 
-    def _forward(self, bs: int) -> torch.Tensor:
+    def _batch(self, bs: int) -> PagedBatch:
         s = self.static
-        pb = PagedBatch(s["page_table"][:bs], s["seq_lens"][:bs], s["prefix_lens"][:bs], s["q_start"][:bs + 1], 1,
-                        num_decode=bs)
-        ctx = ForwardContext(s["out_slots"][:bs], self.backend.build_paged(pb), self.backend)
-        with forward_context(ctx):
+        return PagedBatch(s["page_table"][:bs], s["seq_lens"][:bs], s["prefix_lens"][:bs], s["q_start"][:bs + 1],
+                          1, num_decode=bs)
+
+    def _forward(self, bs: int, meta) -> torch.Tensor:
+        s = self.static
+        with forward_context(ForwardContext(s["out_slots"][:bs], meta, self.backend)):
             return self.model(s["input_ids"][:bs], s["positions"][:bs])
 
     @torch.inference_mode()
@@ -102,11 +104,12 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for i, bs in enumerate(reversed(self.buckets)):
+                meta = self.backend.graph_meta(self._batch(bs))
                 for _ in range(2):                  # JIT / autotune outside the capture
-                    self._forward(bs)
+                    self._forward(bs, meta)
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=self.pool, stream=stream):
-                    self.outputs[bs] = self._forward(bs)
+                    self.outputs[bs] = self._forward(bs, meta)
                 self.graphs[bs] = g
                 if i % 8 == 0 or bs == 1:
                     log.info("CUDA graphs: captured batch size %d (%d/%d)", bs, i + 1, len(self.buckets))
@@ -138,9 +141,10 @@ class DecodeGraphs:
                 log.info("CUDA graphs: batch size %d replays in bucket %d (%.2f ms against %.2f ms)",
                          b, to, times[to], times[b])
 
-    def replay(self, dev: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
+    def replay(self, dev: dict[str, torch.Tensor], batch_size: int, batch: PagedBatch | None = None) -> torch.Tensor:
         """Logits [batch_size, V] of a decode step whose inputs (`dev`, padded to its
-        bucket by the runner) are on the device."""
+        bucket by the runner) are on the device; `batch` is the same step as a PagedBatch
+        (host arrays too) for the backend's prepare_replay."""
         s = self.static
         bs = dev["seq_lens"].shape[0]
         for name in self.INPUTS:
@@ -148,8 +152,10 @@ class DecodeGraphs:
         pt = dev["page_table"]
         s["page_table"][:bs, :pt.shape[1]].copy_(pt)
         if self.use_graphs:
+            if batch is not None:
+                self.backend.prepare_replay(batch)
             self.graphs[bs].replay()
             hidden = self.outputs[bs]
         else:
-            hidden = self._forward(bs)
+            hidden = self._forward(bs, self.backend.build_paged(self._batch(bs)))
         return self.model.compute_logits(hidden[:batch_size])

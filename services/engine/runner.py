@@ -87,7 +87,7 @@ class ModelRunner:
         if step.has_futures:
             dev["input_ids"] = self.futures.resolve(dev["input_ids"])
         if bucket is not None:
-            logits = self.graphs.replay(dev, B)
+            logits = self.graphs.replay(dev, B, step.paged_batch(dev))
             return logits if step.all_sample else logits[dev["sample_rows"]]
         meta = self.backend.build_paged(step.paged_batch(dev))
         if pieces is not None:

@@ -62,25 +62,13 @@ def test_registry_and_defaults():
     assert get_backend("triton").paged and get_backend("torch")
     assert {"torch", "cpu", "triton", "flashinfer"} <= set(ATTENTION_BACKENDS)
     assert get_backend("triton").paged and get_backend("triton").graph_capturable
-    assert get_backend("flashinfer").paged and not get_backend("flashinfer").graph_capturable
+    assert get_backend("flashinfer").paged and get_backend("flashinfer").graph_capturable
     import torch
     assert default_backend(torch.device("cpu")) in ("cpu", "torch")
     assert graph_buckets(256)[:6] == [1, 2, 4, 8, 16, 24] and graph_buckets(256)[-1] == 256
     assert graph_buckets(20) == [1, 2, 4, 8, 16, 20] and graph_buckets(1) == [1]
     assert graph_buckets(512)[34:37] == [256, 272, 288] and graph_buckets(512)[-1] == 512
     assert graph_buckets(300)[-3:] == [272, 288, 300] and len(set(graph_buckets(512))) == len(graph_buckets(512))
-
-
-def test_flashinfer_paged_csr():
-    """The page table in FlashInfer's CSR form: only the pages a sequence's length uses, and
-    the last page's fill (a full last page counts page_size, not 0)."""
-    import numpy as np
-    from services.engine.attention.flashinfer_backend import paged_csr
-    table = np.array([[7, 3, 9, 0], [5, 0, 0, 0], [1, 2, 4, 6]], dtype=np.int32)
-    indptr, indices, last = paged_csr(table, np.array([9, 4, 13]), 4)
-    assert indptr.tolist() == [0, 3, 4, 8] and indptr.dtype == np.int32
-    assert indices.tolist() == [7, 3, 9, 5, 1, 2, 4, 6] and indices.dtype == np.int32
-    assert last.tolist() == [1, 4, 1] and last.dtype == np.int32
 
 
 def _device_table(table: PageTable, s: StepArrays) -> list[list[int]]:
@@ -203,7 +191,7 @@ def test_decode_padded_to_graph_buckets(tiny):
     r.graphs = DecodeGraphs(r.model, r.backend, 4, eng.context_len // 4, eng.device, use_graphs=False)
     calls = []
     replay = r.graphs.replay
-    r.graphs.replay = lambda dev, b: calls.append((dev["seq_lens"].shape[0], b)) or replay(dev, b)
+    r.graphs.replay = lambda dev, b, batch: calls.append((dev["seq_lens"].shape[0], b)) or replay(dev, b, batch)
     assert greedy(eng, ps, 12) == want
     assert (4, 3) in calls or (4, 4) in calls
     assert all(bs in (1, 2, 4) and b <= bs for bs, b in calls)

@@ -23,7 +23,11 @@ instead of `build(seqs)`: the runner uploads the whole step (ids, positions,
 slots, page table, lengths) in one host->device copy and hands them a
 `PagedBatch` of device tensors, with no per-sequence slot tensors. Their
 `forward` must not sync with the host; with `graph_capturable` it must also
-be capturable by a CUDA graph with the PagedBatch's tensors as static inputs.
+be capturable by a CUDA graph with the PagedBatch's tensors as static inputs:
+a decode graph's metadata comes from `graph_meta(batch)` (its static batch),
+built before the capture and outside it, and `prepare_replay(batch)` gets each
+step's batch (padded to the graph's size, host arrays included) before the
+replay, for backends whose graphs read plan data that the host writes.
 """
 from __future__ import annotations
 
@@ -79,6 +83,14 @@ class AttentionBackend(ABC):
 
     def build_paged(self, batch: PagedBatch) -> Any:
         raise NotImplementedError(f"{type(self).__name__} builds from SeqSpecs (paged = False)")
+
+    def graph_meta(self, batch: PagedBatch) -> Any:
+        """Metadata of a decode graph's static batch (built once, outside the capture)."""
+        return self.build_paged(batch)
+
+    def prepare_replay(self, batch: PagedBatch) -> None:
+        """Before a decode graph replays this step's batch (nothing: the graph reads the batch's
+        tensors, which the runner has copied into its static inputs)."""
 
     def fused_kv_store(self, layer: int, v: torch.Tensor, out_slots: torch.Tensor) -> tuple | None:
         return None

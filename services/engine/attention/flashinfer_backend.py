@@ -9,8 +9,19 @@ Page tables come from the runner's PagedBatch (host copy), turned into
 FlashInfer's CSR form (indptr, indices, last_page_len) once per forward, and
 `plan()` runs then, not per layer. K/V are stored with the Triton store_kv
 kernel (the pool layout [pages * page_size, KVH, D] is FlashInfer's NHD
-[pages, page_size, KVH, D] viewed flat). plan() syncs with the host, so
-decode batches run eagerly (no CUDA graphs).
+[pages, page_size, KVH, D] viewed flat).
+
+CUDA graphs, as SGLang does them: each decode bucket gets its own decode
+wrapper in CUDA-graph mode, on fixed index buffers (one indices buffer shared
+by all buckets, as one graph replays at a time), planned with a dummy batch
+before its capture and with the step's batch before each replay
+(`prepare_replay`): the graph reads the plan from the wrapper's buffers. The
+piecewise graphs need nothing: their attention runs eagerly between pieces.
+
+plan() fills a pinned host buffer and copies it to the device on the stream;
+with the overlap scheduler the host plans step N+1 while step N runs, so each
+plan first waits for the previous plan's copy (an event), before it rewrites
+that buffer.
 """
 from __future__ import annotations
 
@@ -53,7 +64,7 @@ class FlashInferMeta:
 @register_backend("flashinfer")
 class FlashInferAttentionBackend(AttentionBackend):
     paged = True
-    graph_capturable = False
+    graph_capturable = True
     host_page_table = True
 
     def __init__(self, kv_pool, num_heads: int, num_kv_heads: int, head_dim: int):
@@ -63,34 +74,88 @@ class FlashInferAttentionBackend(AttentionBackend):
         except ImportError as e:
             raise ImportError("attention_backend 'flashinfer' needs the flashinfer package "
                               f"(pip install flashinfer-python): {e}") from e
+        self.fi = flashinfer
         dev = kv_pool.device
-        ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
+        self.ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
         # the plain decode kernel has query groups of 1-4, 6 and 8 only; larger groups (Qwen2.5's
         # 7) read K/V once per group on tensor cores instead, as SGLang does
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            ws, "NHD", use_tensor_cores=num_heads // num_kv_heads > 4)
-        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
+        self.tensor_cores = num_heads // num_kv_heads > 4
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.ws, "NHD",
+                                                                     use_tensor_cores=self.tensor_cores)
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.ws, "NHD")
+        self._graph: dict[int, Any] = {}        # decode bucket -> its CUDA-graph wrapper
+        self._graph_bufs: tuple[torch.Tensor, ...] | None = None
+        self._planned = torch.cuda.Event() if dev.type == "cuda" else None
         self.ops = kernel_ops(dev)
         self.ps = kv_pool.page_size
 
     def build_paged(self, batch: PagedBatch) -> FlashInferMeta:
         h = batch.host
-        ps, dev, dtype = self.ps, self.kv_pool.device, self.kv_pool.dtype
-        indptr, indices, last = (torch.from_numpy(a) for a in paged_csr(h["page_table"], h["seq_lens"], ps))
-        indices = indices.to(dev, non_blocking=True)
-        heads = (self.num_heads, self.num_kv_heads, self.head_dim, ps)
         if batch.is_decode:
-            self._decode.plan(indptr, indices, last, *heads, pos_encoding_mode="NONE",
-                              q_data_type=dtype, kv_data_type=dtype, sm_scale=self.scale)
+            self._plan_decode(self._decode, h["page_table"], h["seq_lens"])
             return FlashInferMeta(self._decode)
+        indptr, indices, last = self._csr(h["page_table"], h["seq_lens"])
         qo = torch.from_numpy(h["q_start"].astype(np.int32))
-        self._prefill.plan(qo, indptr, indices, last, *heads, causal=True, sm_scale=self.scale,
-                           q_data_type=dtype, kv_data_type=dtype)
+        self._wait_plan()
+        self._prefill.plan(qo, indptr, indices, last, *self._heads(), causal=True, sm_scale=self.scale,
+                           q_data_type=self.kv_pool.dtype, kv_data_type=self.kv_pool.dtype)
+        self._record_plan()
         return FlashInferMeta(self._prefill)
 
+    def graph_meta(self, batch: PagedBatch) -> FlashInferMeta:
+        """A decode bucket's wrapper in CUDA-graph mode, planned on a dummy batch (every row
+        one token of page 0); the largest bucket comes first and sizes the shared buffers."""
+        bs, max_pages = batch.page_table.shape
+        if self._graph_bufs is None:
+            i32 = dict(dtype=torch.int32, device=self.kv_pool.device)
+            self._graph_bufs = (torch.zeros(bs + 1, **i32), torch.zeros(bs * max_pages, **i32),
+                                torch.ones(bs, **i32))
+        if bs not in self._graph:
+            indptr, indices, last = self._graph_bufs
+            self._graph[bs] = self.fi.BatchDecodeWithPagedKVCacheWrapper(
+                self.ws, "NHD", use_cuda_graph=True, use_tensor_cores=self.tensor_cores,
+                paged_kv_indptr_buffer=indptr[:bs + 1], paged_kv_indices_buffer=indices,
+                paged_kv_last_page_len_buffer=last[:bs])
+        w = self._graph[bs]
+        self._plan_decode(w, np.zeros((bs, 1), np.int32), np.ones(bs, np.int32))
+        return FlashInferMeta(w)
+
+    def prepare_replay(self, batch: PagedBatch) -> None:
+        h = batch.host
+        self._plan_decode(self._graph[len(h["seq_lens"])], h["page_table"], h["seq_lens"])
+
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                out_slots: torch.Tensor, meta: FlashInferMeta) -> torch.Tensor:
+                out_slots: torch.Tensor | None, meta: FlashInferMeta,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """out_slots None: k and v are in the pool already. out: where to write the result
+        [T, H * D] (the piecewise graphs' static buffer)."""
         kc, vc = self.kv_pool.k_cache[layer], self.kv_pool.v_cache[layer]
-        self.ops.store_kv(k, v, kc, vc, out_slots)
+        if out_slots is not None:
+            self.ops.store_kv(k, v, kc, vc, out_slots)
         paged = (kc.view(-1, self.ps, *kc.shape[1:]), vc.view(-1, self.ps, *vc.shape[1:]))
-        return meta.wrapper.run(q.contiguous(), paged).view(q.shape[0], -1)
+        o = meta.wrapper.run(q.contiguous(), paged, out=None if out is None else out.view(q.shape))
+        return o.view(q.shape[0], -1)
+
+    # -- planning ----------------------------------------------------------------------------------
+    def _heads(self) -> tuple[int, int, int, int]:
+        return self.num_heads, self.num_kv_heads, self.head_dim, self.ps
+
+    def _csr(self, page_table: np.ndarray, seq_lens: np.ndarray):
+        indptr, indices, last = (torch.from_numpy(a) for a in paged_csr(page_table, seq_lens, self.ps))
+        return indptr, indices.to(self.kv_pool.device, non_blocking=True), last
+
+    def _plan_decode(self, wrapper, page_table: np.ndarray, seq_lens: np.ndarray) -> None:
+        indptr, indices, last = self._csr(page_table, seq_lens)
+        self._wait_plan()
+        wrapper.plan(indptr, indices, last, *self._heads(), pos_encoding_mode="NONE",
+                     q_data_type=self.kv_pool.dtype, kv_data_type=self.kv_pool.dtype, sm_scale=self.scale)
+        self._record_plan()
+
+    def _wait_plan(self) -> None:
+        """The previous plan's copy of the pinned buffer has run (plan() rewrites that buffer)."""
+        if self._planned is not None:
+            self._planned.synchronize()
+
+    def _record_plan(self) -> None:
+        if self._planned is not None:
+            self._planned.record()

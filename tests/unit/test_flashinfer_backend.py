@@ -1,0 +1,115 @@
+"""The flashinfer backend's wiring, on CPU, against a stand-in flashinfer module that
+records what the backend asks of it (the kernels themselves run in tests/gpu): the CSR
+page layout it plans each step with, one CUDA-graph wrapper per decode bucket on shared
+index buffers, planned before capture and again before each replay, and where the
+attention output goes."""
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from services.engine.attention.base import PagedBatch, get_backend
+from services.engine.attention.flashinfer_backend import paged_csr
+from services.engine.kv_pool import KVPool
+
+
+class _Wrapper:
+    def __init__(self, ws, layout, use_cuda_graph=False, use_tensor_cores=False, **bufs):
+        self.layout, self.graph, self.tensor_cores, self.bufs, self.plans = layout, use_cuda_graph, use_tensor_cores, bufs, []
+
+    def plan(self, *args, **kw):
+        self.plans.append((args, kw))
+
+    def run(self, q, paged, out=None):
+        o = torch.full_like(q, float(len(self.plans))) if out is None else out.fill_(float(len(self.plans)))
+        return o
+
+
+@pytest.fixture
+def fi(monkeypatch):
+    mod = types.ModuleType("flashinfer")
+    mod.BatchDecodeWithPagedKVCacheWrapper = type("Decode", (_Wrapper,), {})
+    mod.BatchPrefillWithPagedKVCacheWrapper = type("Prefill", (_Wrapper,), {})
+    monkeypatch.setitem(sys.modules, "flashinfer", mod)
+    return mod
+
+
+def _backend(heads=4, kv_heads=2, ps=4):
+    pool = KVPool(16, ps, 2, kv_heads, 8, torch.float32, "cpu")
+    return get_backend("flashinfer")(pool, heads, kv_heads, 8)
+
+
+def _batch(table, seq_lens, q_start, max_q_len):
+    t = torch.from_numpy(np.asarray(table, np.int32))
+    host = {"page_table": np.asarray(table, np.int32), "seq_lens": np.asarray(seq_lens, np.int32),
+            "q_start": np.asarray(q_start, np.int32)}
+    n = len(seq_lens)
+    return PagedBatch(t, torch.tensor(seq_lens, dtype=torch.int32), torch.zeros(n, dtype=torch.int32),
+                      torch.tensor(q_start, dtype=torch.int32), max_q_len, host, num_decode=n if max_q_len == 1 else 0)
+
+
+def test_flashinfer_paged_csr():
+    """Only the pages a sequence's length uses, and the last page's fill (a full last page
+    counts page_size, not 0)."""
+    table = np.array([[7, 3, 9, 0], [5, 0, 0, 0], [1, 2, 4, 6]], dtype=np.int32)
+    indptr, indices, last = paged_csr(table, np.array([9, 4, 13]), 4)
+    assert indptr.tolist() == [0, 3, 4, 8] and indptr.dtype == np.int32
+    assert indices.tolist() == [7, 3, 9, 5, 1, 2, 4, 6] and indices.dtype == np.int32
+    assert last.tolist() == [1, 4, 1] and last.dtype == np.int32
+
+
+def test_eager_steps_plan_decode_or_prefill(fi):
+    be = _backend()
+    dec = be.build_paged(_batch([[3, 5], [6, 0]], [6, 2], [0, 1, 2], 1))
+    assert dec.wrapper is be._decode and not be._decode.graph
+    (indptr, indices, last, *heads), kw = be._decode.plans[-1]
+    assert indptr.tolist() == [0, 2, 3] and indices.tolist() == [3, 5, 6] and last.tolist() == [2, 2]
+    assert tuple(heads) == (4, 2, 8, 4) and kw["sm_scale"] == pytest.approx(8 ** -0.5)
+    pre = be.build_paged(_batch([[3, 5], [6, 0]], [7, 3], [0, 1, 4], 3))
+    assert pre.wrapper is be._prefill
+    (qo, *_), kw = be._prefill.plans[-1]
+    assert qo.tolist() == [0, 1, 4] and kw["causal"] is True
+
+
+def test_tensor_cores_for_large_query_groups(fi):
+    assert not _backend(heads=8, kv_heads=2)._decode.tensor_cores      # group 4: the plain kernel
+    assert _backend(heads=14, kv_heads=2)._decode.tensor_cores         # group 7: it has none
+
+
+def test_graph_wrappers_per_bucket_share_buffers(fi):
+    """Largest bucket first: it sizes the shared buffers; each bucket's wrapper is planned
+    on a dummy batch before capture, and on the step's own batch before each replay."""
+    be = _backend()
+    metas = {bs: be.graph_meta(_batch(np.zeros((bs, 3), np.int32), [1] * bs, list(range(bs + 1)), 1))
+             for bs in (8, 4, 1)}
+    w8, w4 = metas[8].wrapper, metas[4].wrapper
+    assert w8.graph and w4.graph and w8 is not w4 and be._graph == {8: w8, 4: w4, 1: metas[1].wrapper}
+    assert w8.bufs["paged_kv_indices_buffer"] is w4.bufs["paged_kv_indices_buffer"]
+    assert w8.bufs["paged_kv_indices_buffer"].numel() == 8 * 3
+    assert w4.bufs["paged_kv_indptr_buffer"].numel() == 5 and w4.bufs["paged_kv_last_page_len_buffer"].numel() == 4
+    (indptr, indices, last, *_), _ = w4.plans[-1]
+    assert indptr.tolist() == [0, 1, 2, 3, 4] and indices.tolist() == [0] * 4 and last.tolist() == [1] * 4
+    assert be.graph_meta(_batch(np.zeros((4, 3), np.int32), [1] * 4, list(range(5)), 1)).wrapper is w4
+    n = len(w4.plans)
+    be.prepare_replay(_batch([[2, 3, 0], [4, 0, 0], [0, 0, 0], [0, 0, 0]], [5, 1, 1, 1], list(range(5)), 1))
+    assert len(w4.plans) == n + 1 and len(w8.plans) == 1
+    (indptr, indices, last, *_), _ = w4.plans[-1]
+    assert indptr.tolist() == [0, 2, 3, 4, 5] and indices.tolist() == [2, 3, 4, 0, 0] and last.tolist() == [1, 1, 1, 1]
+
+
+def test_forward_stores_kv_and_writes_out(fi):
+    """K/V land in the pool at out_slots; the output goes to `out` when given (the piecewise
+    graphs' static buffer)."""
+    be = _backend()
+    meta = be.build_paged(_batch([[1], [2]], [1, 1], [0, 1, 2], 1))
+    q, k, v = torch.randn(2, 4, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    o = be.forward(0, q, k, v, torch.tensor([4, 8]), meta)
+    assert o.shape == (2, 32)
+    assert torch.equal(be.kv_pool.k_cache[0][4], k[0]) and torch.equal(be.kv_pool.v_cache[0][8], v[1])
+    out = torch.zeros(2, 32)
+    assert be.forward(1, q, k, v, None, meta, out=out).data_ptr() == out.data_ptr()
+    assert out.eq(1.0).all()
