@@ -13,7 +13,7 @@ from kernels import cpu as cpu_kernels
 from . import gguf_weights
 from .attention.base import default_backend, get_backend
 from .config import DTYPES, EngineConfig, ModelConfig
-from .cuda_graph import DecodeGraphs
+from .cuda_graph import DecodeGraphs, graph_buckets
 from .piecewise_graph import PiecewiseGraphs
 from .kv_manager import KVManager
 from .kv_pool import KVPool
@@ -109,8 +109,9 @@ def activation_reserve(config: EngineConfig, cfg: ModelConfig, model: torch.nn.M
     """GPU bytes to keep free beside the KV pool, measured: the peak of a forward of the
     largest step (max(chunked_prefill_size, max_running_requests) tokens of one sequence)
     over a scratch pool, plus the sampler's fp32 logits copies of the largest batch, plus
-    as much again for the CUDA graphs' pool (decode activations, far smaller), plus a
-    fixed margin for allocator fragmentation and library workspaces."""
+    as much again for the CUDA graphs' pool (decode activations, far smaller), plus what
+    the backend allocates for its graphs (`graph_bytes`), plus a fixed margin for
+    allocator fragmentation and library workspaces."""
     sc, ps = config.scheduler.for_device(device.type), config.cache.page_size
     tokens = min(max(sc.chunked_prefill_size, sc.max_running_requests), max_len - 1)
     torch.cuda.synchronize(device)
@@ -128,7 +129,9 @@ def activation_reserve(config: EngineConfig, cfg: ModelConfig, model: torch.nn.M
     del runner, pool
     torch.cuda.empty_cache()
     sampler = 3 * sc.max_running_requests * cfg.vocab_size * 4
-    reserve = 2 * peak + sampler + 512 * 2**20
+    graphs = 0 if config.disable_cuda_graph else \
+        backend_cls.graph_bytes(len(graph_buckets(min(sc.max_running_requests, config.cuda_graph_max_bs))))
+    reserve = 2 * peak + sampler + graphs + 512 * 2**20
     log.info("GPU memory: forward of %d tokens peaks at %.0f MiB; %.0f MiB kept beside the KV pool",
              tokens, peak / 2**20, reserve / 2**20)
     return reserve

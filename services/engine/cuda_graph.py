@@ -19,6 +19,7 @@ is cheaper.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -141,7 +142,7 @@ class DecodeGraphs:
                 log.info("CUDA graphs: batch size %d replays in bucket %d (%.2f ms against %.2f ms)",
                          b, to, times[to], times[b])
 
-    def replay(self, dev: dict[str, torch.Tensor], batch_size: int, batch: PagedBatch | None = None) -> torch.Tensor:
+    def replay(self, dev: dict[str, torch.Tensor], batch_size: int, batch: PagedBatch) -> torch.Tensor:
         """Logits [batch_size, V] of a decode step whose inputs (`dev`, padded to its
         bucket by the runner) are on the device; `batch` is the same step as a PagedBatch
         (host arrays too) for the backend's prepare_replay."""
@@ -152,10 +153,9 @@ class DecodeGraphs:
         pt = dev["page_table"]
         s["page_table"][:bs, :pt.shape[1]].copy_(pt)
         if self.use_graphs:
-            if batch is not None:
-                self.backend.prepare_replay(batch)
+            self.backend.prepare_replay(batch)
             self.graphs[bs].replay()
             hidden = self.outputs[bs]
         else:
-            hidden = self._forward(bs, self.backend.build_paged(self._batch(bs)))
+            hidden = self._forward(bs, self.backend.build_paged(dataclasses.replace(self._batch(bs), host=batch.host)))
         return self.model.compute_logits(hidden[:batch_size])

@@ -161,11 +161,13 @@ def test_llama_1b_graphs_equal_eager(llama_1b, backend):
     check(run(graphed, odd, 16), ref, odd, 16, what=f"1b {backend} graphs, padded batch", tol=BF16_TOL)
 
 
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
 @pytest.mark.parametrize("graphs", [True, False])
-def test_llama_1b_overlap_equals_sync(llama_1b, graphs):
+def test_llama_1b_overlap_equals_sync(llama_1b, graphs, backend):
     """The overlap executor (step N+1 launched before step N's ids are read back) gives the
     very ids of --disable-overlap: chunked prefill (mixed steps), a prefix-cache hit,
-    requests that end at different lengths, penalties and seeded sampling."""
+    requests that end at different lengths, penalties and seeded sampling. On flashinfer
+    the host plans step N+1 while step N runs."""
     folder, _ = llama_1b
     ps, cached = _1b_prompts()
     ps = ps + cached
@@ -174,7 +176,7 @@ def test_llama_1b_overlap_equals_sync(llama_1b, graphs):
                               repetition_penalty=1.1, logprobs=True, top_logprobs=3)] * (len(ps) - len(params))
     got = {}
     for overlap in (True, False):
-        eng = engine(folder, "bfloat16", "triton", chunk=64, graphs=graphs, overlap=overlap)
+        eng = engine(folder, "bfloat16", backend, chunk=64, graphs=graphs, overlap=overlap)
         assert eng.executor.overlap is overlap
         got[overlap] = [(r.output_ids, r.finish_reason) for r in eng.generate(ps, params)]
         eng.check_integrity()

@@ -75,6 +75,12 @@ def test_eager_steps_plan_decode_or_prefill(fi):
     assert qo.tolist() == [0, 1, 4] and kw["causal"] is True
 
 
+def test_graph_bytes_kept_free():
+    """Each CUDA-graph decode wrapper's own plan buffer is reserved beside the KV pool."""
+    assert get_backend("flashinfer").graph_bytes(3) == 3 * 8 * 2**20
+    assert get_backend("triton").graph_bytes(3) == 0
+
+
 def test_tensor_cores_for_large_query_groups(fi):
     assert not _backend(heads=8, kv_heads=2)._decode.tensor_cores      # group 4: the plain kernel
     assert _backend(heads=14, kv_heads=2)._decode.tensor_cores         # group 7: it has none

@@ -84,6 +84,12 @@ class AttentionBackend(ABC):
     def build_paged(self, batch: PagedBatch) -> Any:
         raise NotImplementedError(f"{type(self).__name__} builds from SeqSpecs (paged = False)")
 
+    @classmethod
+    def graph_bytes(cls, num_buckets: int) -> int:
+        """GPU bytes the backend allocates for its decode graphs beyond their activations
+        (kept free beside the KV pool)."""
+        return 0
+
     def graph_meta(self, batch: PagedBatch) -> Any:
         """Metadata of a decode graph's static batch (built once, outside the capture)."""
         return self.build_paged(batch)

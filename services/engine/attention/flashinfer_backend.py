@@ -35,7 +35,11 @@ import torch
 from .base import AttentionBackend, PagedBatch, register_backend
 from .triton_backend import kernel_ops
 
-WORKSPACE_BYTES = 128 * 2**20
+# The float workspace (split-KV partial outputs), SGLang's size: decode on tensor cores in
+# CUDA-graph mode always splits, and at batch 512 a 7B model with a group of 7 needs ~160 MiB.
+WORKSPACE_BYTES = 384 * 2**20
+# Each CUDA-graph decode wrapper allocates its own int workspace (plan data) of this size.
+GRAPH_WRAPPER_BYTES = 8 * 2**20
 
 
 def flashinfer_available() -> bool:
@@ -77,7 +81,7 @@ class FlashInferAttentionBackend(AttentionBackend):
                               f"(pip install flashinfer-python): {e}") from e
         self.fi = flashinfer
         dev = kv_pool.device
-        self.ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
+        self.ws = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)     # zeroed before first use
         # the plain decode kernel has query groups of 1-4, 6 and 8 only; larger groups (Qwen2.5's
         # 7) read K/V once per group on tensor cores instead, as SGLang does
         self.tensor_cores = num_heads // num_kv_heads > 4
@@ -89,6 +93,10 @@ class FlashInferAttentionBackend(AttentionBackend):
         self._planned = torch.cuda.Event() if dev.type == "cuda" else None
         self.ops = kernel_ops(dev)
         self.ps = kv_pool.page_size
+
+    @classmethod
+    def graph_bytes(cls, num_buckets: int) -> int:
+        return num_buckets * GRAPH_WRAPPER_BYTES
 
     def build_paged(self, batch: PagedBatch) -> FlashInferMeta:
         h = batch.host
