@@ -5,7 +5,8 @@
 # small:  llama-3.2-1b and qwen2.5-0.5b throughput with the GPU-idle profile;
 # 8b:     8B throughput, 1000 x 1024 -> 1024 (8b095: at --mem-fraction-static 0.95);
 # flashinfer: the greedy tests on the flashinfer backend, from wheels in .whl/ (flashinfer-python
-#         0.6.18.post1 and apache-tvm-ffi for cp312; its kernels are JIT-built, ~1 min a layout).
+#         0.6.18.post1 and apache-tvm-ffi for cp312; its kernels are JIT-built, ~1 min a layout);
+# fi-speed: 1B throughput and 8B batch-1 on flashinfer against triton (after `flashinfer`).
 # Each JSON is named gpu_<card>_<model>_<what>.json; the printed summary goes to stdout.
 set -u
 OUT=${1:-benchmarks/results}; shift || true
@@ -28,6 +29,13 @@ for what in "$@"; do
             CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} \
                 PYTHONPATH=/tmp/fi-site python3 -m pytest -v -p no:cacheprovider tests/gpu/test_greedy_gpu.py \
                 -k flashinfer ;;
+    fi-speed)
+            for b in triton flashinfer; do
+                PYTHONPATH=/tmp/fi-site python3 benchmarks/offline.py $O $T --model llama-3.2-1b --attention-backend $b \
+                    --tag gpu_${G}_llama-3.2-1b_$b
+                PYTHONPATH=/tmp/fi-site python3 benchmarks/offline.py $O --model llama-3.1-8b --num-prompts 0 \
+                    --batch1-tokens 256 --attention-backend $b --tag gpu_${G}_llama-3.1-8b_batch1_$b
+            done ;;
     8b)     python3 benchmarks/offline.py $O $T --model llama-3.1-8b --tag gpu_${G}_llama-3.1-8b_tput ;;
     8b095)  python3 benchmarks/offline.py $O $T --model llama-3.1-8b --mem-fraction-static 0.95 \
                 --tag gpu_${G}_llama-3.1-8b_tput095 ;;
