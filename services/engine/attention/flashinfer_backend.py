@@ -56,7 +56,8 @@ def paged_csr(page_table: np.ndarray, seq_lens: np.ndarray, page_size: int):
     seq_lens = np.asarray(seq_lens, dtype=np.int64)
     npages = -(-seq_lens // page_size)
     indptr = np.concatenate([[0], np.cumsum(npages)]).astype(np.int32)
-    indices = np.concatenate([row[:n] for row, n in zip(page_table, npages)] or [np.zeros(0)]).astype(np.int32)
+    page_table = np.asarray(page_table)
+    indices = page_table[np.arange(page_table.shape[1]) < npages[:, None]].astype(np.int32)   # row by row
     last = (seq_lens - (npages - 1) * page_size).astype(np.int32)
     return indptr, indices, last
 
