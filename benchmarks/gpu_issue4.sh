@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 4's figures on whatever one GPU the lease gives (results to $1, default benchmarks/results).
-#   bash benchmarks/gpu_issue4.sh OUT [batch1|small|8b|8b095] ...
+#   bash benchmarks/gpu_issue4.sh OUT SET... (the sets below, run in the order given)
 # batch1: 8B batch-1 decode against transformers, plus the batch sweep (JSON + plot);
 # small:  llama-3.2-1b and qwen2.5-0.5b throughput with the GPU-idle profile;
 # 8b:     8B throughput, 1000 x 1024 -> 1024 (8b095: at --mem-fraction-static 0.95);
