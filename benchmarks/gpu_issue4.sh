@@ -7,6 +7,7 @@
 # fi-install: flashinfer from wheels in .whl/ (flashinfer-python 0.6.18.post1 and apache-tvm-ffi for
 #         cp312) into /tmp/fi-site, with the kernels in .fi_aot/ (else JIT-built, ~1 min a layout);
 # flashinfer: the greedy tests on the flashinfer backend (fi-install first where not yet done);
+# smol:   the SmolLM2 greedy test alone, on every backend that imports (after smol-b);
 # fi-speed: 1B throughput and 8B batch-1 on flashinfer against triton (after `flashinfer`);
 # fi-save: the flashinfer kernels this lease built, as $OUT/fi_jit.tgz (put it in .fi_aot/, carry
 #         that, and the next lease loads them instead of building);
@@ -50,6 +51,9 @@ for what in "$@"; do
             CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} \
                 PYTHONPATH=/tmp/fi-site:/tmp/smol/pkg python3 -m pytest -v -p no:cacheprovider \
                 tests/gpu/test_greedy_gpu.py -k "flashinfer or smollm2_gpu" ;;
+    smol)   CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} \
+                PYTHONPATH=/tmp/fi-site:/tmp/smol/pkg python3 -m pytest -v -p no:cacheprovider \
+                tests/gpu/test_greedy_gpu.py -k smollm2_gpu ;;
     fi-save) (cd ~/.cache && tar czf "$OUT/fi_jit.tgz" $(find flashinfer -name '*.so')) ;;   # keep as .fi_aot/
     fi-speed)
             for b in triton flashinfer; do
