@@ -24,16 +24,16 @@ class _Wrapper:
     def plan(self, *args, **kw):
         self.plans.append((args, kw))
 
-    def run(self, q, paged, out=None):
-        o = torch.full_like(q, float(len(self.plans))) if out is None else out.fill_(float(len(self.plans)))
-        return o
+    def run(self, q, paged, out=None):      # fills its rows with its mark: which kernel wrote them
+        self.ran = q.shape[0]
+        return torch.full_like(q, self.mark) if out is None else out.fill_(self.mark)
 
 
 @pytest.fixture
 def fi(monkeypatch):
     mod = types.ModuleType("flashinfer")
-    mod.BatchDecodeWithPagedKVCacheWrapper = type("Decode", (_Wrapper,), {})
-    mod.BatchPrefillWithPagedKVCacheWrapper = type("Prefill", (_Wrapper,), {})
+    mod.BatchDecodeWithPagedKVCacheWrapper = type("Decode", (_Wrapper,), {"mark": 1.0})
+    mod.BatchPrefillWithPagedKVCacheWrapper = type("Prefill", (_Wrapper,), {"mark": 2.0})
     monkeypatch.setitem(sys.modules, "flashinfer", mod)
     return mod
 
@@ -43,13 +43,15 @@ def _backend(heads=4, kv_heads=2, ps=4):
     return get_backend("flashinfer")(pool, heads, kv_heads, 8)
 
 
-def _batch(table, seq_lens, q_start, max_q_len):
+def _batch(table, seq_lens, q_start, max_q_len, num_decode=None):
     t = torch.from_numpy(np.asarray(table, np.int32))
-    host = {"page_table": np.asarray(table, np.int32), "seq_lens": np.asarray(seq_lens, np.int32),
-            "q_start": np.asarray(q_start, np.int32)}
     n = len(seq_lens)
+    nd = (n if max_q_len == 1 else 0) if num_decode is None else num_decode
+    q_start = np.asarray(q_start, np.int32)
+    host = {"page_table": np.asarray(table, np.int32), "seq_lens": np.asarray(seq_lens, np.int32),
+            "q_start": q_start, "ext_q_start": q_start[nd:] - nd}
     return PagedBatch(t, torch.tensor(seq_lens, dtype=torch.int32), torch.zeros(n, dtype=torch.int32),
-                      torch.tensor(q_start, dtype=torch.int32), max_q_len, host, num_decode=n if max_q_len == 1 else 0)
+                      torch.from_numpy(q_start), max_q_len, host, num_decode=nd)
 
 
 def test_flashinfer_paged_csr():
@@ -65,14 +67,31 @@ def test_flashinfer_paged_csr():
 def test_eager_steps_plan_decode_or_prefill(fi):
     be = _backend()
     dec = be.build_paged(_batch([[3, 5], [6, 0]], [6, 2], [0, 1, 2], 1))
-    assert dec.wrapper is be._decode and not be._decode.graph
+    assert dec.decode is be._decode and dec.prefill is None and not be._decode.graph
     (indptr, indices, last, *heads), kw = be._decode.plans[-1]
     assert indptr.tolist() == [0, 2, 3] and indices.tolist() == [3, 5, 6] and last.tolist() == [2, 2]
     assert tuple(heads) == (4, 2, 8, 4) and kw["sm_scale"] == pytest.approx(8 ** -0.5)
     pre = be.build_paged(_batch([[3, 5], [6, 0]], [7, 3], [0, 1, 4], 3))
-    assert pre.wrapper is be._prefill
+    assert pre.prefill is be._prefill and pre.decode is None and pre.ext_rows == 4
     (qo, *_), kw = be._prefill.plans[-1]
     assert qo.tolist() == [0, 1, 4] and kw["causal"] is True
+
+
+def test_mixed_step_decode_rows_on_the_decode_kernel(fi):
+    """Decodes first, then prefill chunks: the decode wrapper plans and runs the first rows,
+    the prefill wrapper the rest (its query offsets from 0); padded rows are left alone."""
+    be = _backend()
+    meta = be.build_paged(_batch([[3, 5], [6, 0], [7, 8]], [6, 2, 7], [0, 1, 2, 5], 3, num_decode=2))
+    assert meta.decode is be._decode and meta.prefill is be._prefill and (meta.num_decode, meta.ext_rows) == (2, 3)
+    (indptr, indices, last, *_), _ = be._decode.plans[-1]
+    assert indptr.tolist() == [0, 2, 3] and indices.tolist() == [3, 5, 6] and last.tolist() == [2, 2]
+    (qo, indptr, indices, last, *_), _ = be._prefill.plans[-1]
+    assert qo.tolist() == [0, 3] and indptr.tolist() == [0, 2] and indices.tolist() == [7, 8] and last.tolist() == [3]
+    q, k, v = torch.randn(6, 4, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 8)
+    out = torch.zeros(6, 32)                # 5 rows and one of padding
+    be.forward(0, q, k, v, None, meta, out=out)
+    assert be._decode.ran == 2 and be._prefill.ran == 3
+    assert out[:2].eq(1.0).all() and out[2:5].eq(2.0).all() and out[5].eq(0.0).all()
 
 
 def test_graph_bytes_kept_free():
@@ -92,14 +111,14 @@ def test_graph_wrappers_per_bucket_share_buffers(fi):
     be = _backend()
     metas = {bs: be.graph_meta(_batch(np.zeros((bs, 3), np.int32), [1] * bs, list(range(bs + 1)), 1))
              for bs in (8, 4, 1)}
-    w8, w4 = metas[8].wrapper, metas[4].wrapper
-    assert w8.graph and w4.graph and w8 is not w4 and be._graph == {8: w8, 4: w4, 1: metas[1].wrapper}
+    w8, w4 = metas[8].decode, metas[4].decode
+    assert w8.graph and w4.graph and w8 is not w4 and be._graph == {8: w8, 4: w4, 1: metas[1].decode}
     assert w8.bufs["paged_kv_indices_buffer"] is w4.bufs["paged_kv_indices_buffer"]
     assert w8.bufs["paged_kv_indices_buffer"].numel() == 8 * 3
     assert w4.bufs["paged_kv_indptr_buffer"].numel() == 5 and w4.bufs["paged_kv_last_page_len_buffer"].numel() == 4
     (indptr, indices, last, *_), _ = w4.plans[-1]
     assert indptr.tolist() == [0, 1, 2, 3, 4] and indices.tolist() == [0] * 4 and last.tolist() == [1] * 4
-    assert be.graph_meta(_batch(np.zeros((4, 3), np.int32), [1] * 4, list(range(5)), 1)).wrapper is w4
+    assert be.graph_meta(_batch(np.zeros((4, 3), np.int32), [1] * 4, list(range(5)), 1)).decode is w4
     n = len(w4.plans)
     be.prepare_replay(_batch([[2, 3, 0], [4, 0, 0], [0, 0, 0], [0, 0, 0]], [5, 1, 1, 1], list(range(5)), 1))
     assert len(w4.plans) == n + 1 and len(w8.plans) == 1
