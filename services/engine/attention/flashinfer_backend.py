@@ -1,10 +1,10 @@
 """FlashInfer backend (used when the flashinfer package imports).
 
 tests/gpu runs it where the package imports: flashinfer-python 0.6.18.post1
-(JIT-built for sm_90a) on an H100 gave the greedy ids of transformers on the
-Llama-3.2-1B and Qwen2.5-0.5B shapes in bf16, chunked prefill and a prefix-cache
-hit included (benchmarks/results/gpu_h100.md), eagerly: its CUDA graphs below came
-after that run and have not yet run on a GPU. It has no fp32 kernels.
+(JIT-built for sm_90a) on an H100 gives the greedy ids of transformers on
+SmolLM2-135M-Instruct and the Llama-3.2-1B, Qwen2.5-0.5B and SmolLM2 shapes in
+bf16, chunked prefill, prefix-cache hits and CUDA graphs on and off
+(benchmarks/results/gpu_h100.md). It has no fp32 kernels.
 
 Page tables come from the runner's PagedBatch (host copy), turned into
 FlashInfer's CSR form (indptr, indices, last_page_len) once per forward, and
