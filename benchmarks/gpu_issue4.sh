@@ -25,6 +25,11 @@ OUT=${1:-benchmarks/results}; shift || true
 NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 case "$NAME" in *H200*) G=h200;; *H100*) G=h100;; *) G=gpu;; esac
 echo "GPU: $NAME"
+greedy_tests() {   # tests/gpu/test_greedy_gpu.py -k "$1", with flashinfer, SmolLM2 and gguf where carried
+    CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} \
+        PYTHONPATH=/tmp/fi-site:/tmp/smol/pkg:$PWD/.gg python3 -m pytest -v -p no:cacheprovider \
+        tests/gpu/test_greedy_gpu.py -k "$1"
+}
 O="--device cuda --load-format dummy --no-progress --results-dir $OUT"
 T="--num-prompts 1000 --input-len 1024 --output-len 1024 --max-running-requests 512"
 for what in "$@"; do
@@ -50,12 +55,8 @@ for what in "$@"; do
             ls /tmp/fi-site/flashinfer/data/aot 2>/dev/null ;;
     flashinfer)
             [ -d /tmp/fi-site ] || bash "$0" "$OUT" fi-install || exit
-            CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} \
-                PYTHONPATH=/tmp/fi-site:/tmp/smol/pkg:$PWD/.gg python3 -m pytest -v -p no:cacheprovider \
-                tests/gpu/test_greedy_gpu.py -k "flashinfer or smollm2_gpu" ;;
-    smol)   CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} \
-                PYTHONPATH=/tmp/fi-site:/tmp/smol/pkg:$PWD/.gg python3 -m pytest -v -p no:cacheprovider \
-                tests/gpu/test_greedy_gpu.py -k smollm2_gpu ;;
+            greedy_tests "flashinfer or smollm2_gpu" ;;
+    smol)   greedy_tests smollm2_gpu ;;
     fi-save) (cd ~/.cache && tar czf "$OUT/fi_jit.tgz" $(find flashinfer -name '*.so')) ;;   # keep as .fi_aot/
     fi-speed)
             for b in triton flashinfer; do

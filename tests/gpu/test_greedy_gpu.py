@@ -138,8 +138,8 @@ def test_llama_1b_graphs_equal_eager(llama_1b, backend):
     """One prefill step of 768 tokens (a piecewise bucket), then decode batches of 8 (a
     captured bucket) to the end: graph replay and eager forwards give the same ids (triton;
     flashinfer's both match the reference up to ties); a batch of 5 (padded) matches the
-    reference up to ties. The buckets' measured routing only
-    sends a bucket to a larger captured one."""
+    reference up to ties. The buckets' measured routing only sends a bucket to a larger
+    captured one."""
     folder, ref = llama_1b
     ps, _ = _1b_prompts()
     graphed = engine(folder, "bfloat16", backend, chunk=2048)
